@@ -1,0 +1,52 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use classifier::cli::Args;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors.
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging(&args);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut stdout = std::io::stdout();
+    match runtime.block_on(classifier::pipeline::run(&args, &mut stdout)) {
+        Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs go to stderr, stdout carries results only. `-v` adds a line with the
+/// busy and idle time of every span as it closes.
+fn init_logging(args: &Args) {
+    let default = match (args.quiet, args.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn,classifier=info",
+        (false, 1) => "info,classifier=debug",
+        (false, _) => "debug,classifier=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,142 @@
+//! The model stage: from the bytes of a TFLite file (raw or in a gzip'd tar)
+//! to an optimized tract plan that classifies batches of images.
+
+mod archive;
+pub mod dequantize;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tract_tflite::prelude::*;
+
+pub use archive::extract_tflite;
+pub use dequantize::{DequantizeError, Normalization};
+
+/// Why a model could not be prepared or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
+    #[error(transparent)]
+    Dequantize(#[from] DequantizeError),
+    #[error("the model is not an image classifier: {0}")]
+    NotAClassifier(String),
+    #[error("tract could not load the model: {0:#}")]
+    Tract(TractError),
+}
+
+/// What a model expects as input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputSpec {
+    pub width: u32,
+    pub height: u32,
+    pub normalization: Normalization,
+}
+
+impl InputSpec {
+    /// Bytes of one image at the model's size, as 8-bit RGB.
+    pub fn image_bytes(&self) -> usize {
+        self.width as usize * self.height as usize * 3
+    }
+}
+
+/// A classifier ready to run: optimized once, shared by every worker.
+pub struct Model {
+    plan: Arc<TypedRunnableModel>,
+    input: InputSpec,
+    classes: usize,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("input", &self.input).field("classes", &self.classes).finish()
+    }
+}
+
+impl Model {
+    /// Prepares a model from the bytes of a `.tflite` file or of a gzip'd
+    /// tar holding exactly one.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model, ModelError> {
+        let started = Instant::now();
+        let tflite = extract_tflite(bytes)?;
+        let float = dequantize::dequantize(&tflite)?;
+        let rebuilt = started.elapsed();
+        let model = tract_tflite::tflite().model_for_read(&mut &float.tflite[..]).map_err(ModelError::Tract)?;
+        let (input, classes) = classifier_shape(&model, float.normalization)?;
+        let loaded = started.elapsed();
+        let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(ModelError::Tract)?;
+        tracing::debug!(
+            rebuild_ms = rebuilt.as_secs_f64() * 1e3,
+            load_ms = (loaded - rebuilt).as_secs_f64() * 1e3,
+            optimize_ms = (started.elapsed() - loaded).as_secs_f64() * 1e3,
+            "model prepared"
+        );
+        Ok(Model { plan, input, classes })
+    }
+
+    pub fn input(&self) -> InputSpec {
+        self.input
+    }
+
+    /// How many classes the model scores.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Scores a batch of images, each `input().image_bytes()` of 8-bit RGB at
+    /// the model's input size, and returns one score per class per image.
+    ///
+    /// The plan is built for one image: tract gains nothing per image from
+    /// larger batches on this kind of network (see BENCHMARKS.md), so a batch
+    /// runs image by image through one reused state.
+    pub fn classify(&self, images: &[&[u8]]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let InputSpec { width, height, normalization: n } = self.input;
+        let per_image = self.input.image_bytes();
+        let mut state = self.plan.spawn()?;
+        let mut results = Vec::with_capacity(images.len());
+        for image in images {
+            anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
+            let shape = (1, height as usize, width as usize, 3);
+            let data: Vec<f32> = image.iter().map(|&p| p as f32 * n.scale + n.offset).collect();
+            let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
+            let outputs = state.run(tvec!(input.into()))?;
+            let scores = outputs[0].to_plain_array_view::<f32>()?;
+            anyhow::ensure!(
+                scores.len() == self.classes,
+                "the model gave {} scores, not {}",
+                scores.len(),
+                self.classes
+            );
+            results.push(scores.iter().copied().collect());
+        }
+        Ok(results)
+    }
+}
+
+/// Checks that `model` looks like an image classifier: `[1, H, W, 3]` in,
+/// `[1, C]` out.
+fn classifier_shape(model: &TypedModel, normalization: Normalization) -> Result<(InputSpec, usize), ModelError> {
+    let not_classifier = |m: String| ModelError::NotAClassifier(m);
+    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+        return Err(not_classifier(format!(
+            "{} inputs and {} outputs, expected one of each",
+            model.inputs.len(),
+            model.outputs.len()
+        )));
+    }
+    let input = model.input_fact(0).map_err(ModelError::Tract)?;
+    let (height, width) = match input.shape.as_concrete() {
+        Some(&[1, h, w, 3]) if h > 0 && w > 0 => (h, w),
+        _ => return Err(not_classifier(format!("input of shape {:?}, expected [1, height, width, 3]", input.shape))),
+    };
+    let output = model.output_fact(0).map_err(ModelError::Tract)?;
+    let classes = match output.shape.as_concrete() {
+        Some(&[1, c]) if c > 0 => c,
+        _ => return Err(not_classifier(format!("output of shape {:?}, expected [1, classes]", output.shape))),
+    };
+    let (width, height) = (u32::try_from(width), u32::try_from(height));
+    let (Ok(width), Ok(height)) = (width, height) else {
+        return Err(not_classifier("input too large".into()));
+    };
+    Ok((InputSpec { width, height, normalization }, classes))
+}

@@ -1,0 +1,423 @@
+//! Ties the stages together: sources → fetch → decode/preprocess → batch →
+//! infer → rank → render.
+//!
+//! The model, the labels and every image are fetched at once (images bounded
+//! by `--concurrency`). Each image is decoded and resized on the blocking
+//! pool as soon as its bytes arrive, while the model may still be
+//! downloading. Once the model is ready, prepared images are grouped into
+//! batches and classified on `--threads` workers sharing one optimized plan.
+//! Records are printed in the order the sources were given, each as soon as
+//! it and all before it are done. Every queue is bounded, so memory does not
+//! grow with the number of sources.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{Instrument, debug_span, info, info_span, warn};
+
+use crate::cli::{self, Args};
+use crate::fetch::{self, FetchError};
+use crate::labels::Labels;
+use crate::model::Model;
+use crate::preprocess;
+use crate::rank::{self, Prediction};
+use crate::render::{self, Outcome};
+use crate::source::Source;
+
+/// The most a model or a label map may weigh.
+const MAX_MODEL_BYTES: u64 = 1 << 30;
+const MAX_LABELS_BYTES: u64 = 64 << 20;
+
+/// How a run ended, when it could run at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub classified: usize,
+    pub failed: usize,
+}
+
+/// Per-stage time, summed over every item of the stage.
+#[derive(Debug, Default)]
+struct Stats {
+    downloads: Duration,
+    downloaded_bytes: u64,
+    decode: Duration,
+    inference: Duration,
+    batches: usize,
+    model_download: Duration,
+    model_prepare: Duration,
+}
+
+/// Runs the classifier as `args` says, writing records to `out`. An error
+/// means the run could not start (bad options, or no model or labels).
+pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let timeout = args.timeout();
+    let threads =
+        args.threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (model_sources, input_hint) = match &args.model {
+        None => (
+            vec![Source::parse(cli::DEFAULT_MODEL_URL)?, Source::parse(cli::FALLBACK_MODEL_URL)?],
+            Some(cli::DEFAULT_MODEL_INPUT),
+        ),
+        Some(model) => (vec![Source::parse(model).context("--model")?], None),
+    };
+    let labels_source = Source::parse(&args.labels).context("--labels")?;
+    let client = fetch::client(timeout).context("cannot set up the HTTP client")?;
+    let stats = Arc::new(Mutex::new(Stats::default()));
+
+    // Each source as given, and the distinct sources to fetch: a URL given
+    // twice is fetched once and reported twice.
+    let mut unique: Vec<Source> = vec![];
+    let mut index: HashMap<Source, usize> = HashMap::new();
+    let mut outcomes: Vec<Option<Outcome>> = vec![];
+    let occurrences: Vec<usize> = args
+        .sources
+        .iter()
+        .map(|input| match Source::parse(input) {
+            Ok(source) => *index.entry(source.clone()).or_insert_with(|| {
+                unique.push(source);
+                outcomes.push(None);
+                outcomes.len() - 1
+            }),
+            Err(e) => {
+                outcomes.push(Some(Err(e.reason)));
+                outcomes.len() - 1
+            }
+        })
+        .collect();
+
+    // The model's input size: known up front for the default model, else
+    // once the model has loaded. Images wait for it only to be resized.
+    let (size_tx, size_rx) = watch::channel(input_hint);
+
+    let model_task = {
+        let (client, stats) = (client.clone(), stats.clone());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let bytes = fetch_first(&client, timeout, &model_sources).instrument(info_span!("model_download")).await?;
+            stats.lock().unwrap().model_download = t.elapsed();
+            let t = Instant::now();
+            let model = tokio::task::spawn_blocking(move || {
+                info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::from_bytes(&bytes))
+            })
+            .await??;
+            stats.lock().unwrap().model_prepare = t.elapsed();
+            let input = model.input();
+            let size = (input.width, input.height);
+            if let Some(hint) = input_hint
+                && hint != size
+            {
+                bail!("the default model takes {size:?} images, not {hint:?} as expected");
+            }
+            size_tx.send_replace(Some(size));
+            info!(classes = model.classes(), width = size.0, height = size.1, "model ready");
+            anyhow::Ok(Arc::new(model))
+        })
+    };
+    let labels_task = {
+        let client = client.clone();
+        tokio::spawn(
+            async move {
+                let bytes = fetch::fetch(&client, timeout, &labels_source, MAX_LABELS_BYTES)
+                    .await
+                    .with_context(|| format!("cannot fetch the labels {labels_source}"))?;
+                Labels::parse(&bytes).with_context(|| format!("cannot read the labels {labels_source}"))
+            }
+            .instrument(info_span!("labels_download")),
+        )
+    };
+
+    // Prepared images, bounded: when inference falls behind, downloads wait.
+    let batch_size = args.batch_size as usize;
+    let (prepared_tx, mut prepared_rx) = mpsc::channel::<(usize, Result<Vec<u8>, String>)>(batch_size * threads);
+    let producer = {
+        let (client, stats) = (client.clone(), stats.clone());
+        let decoders = Arc::new(Semaphore::new(threads));
+        let limit = args.max_image_bytes;
+        let concurrency = args.concurrency as usize;
+        let jobs: Vec<(usize, Source)> = unique.into_iter().map(|s| (index[&s], s)).collect();
+        tokio::spawn(async move {
+            let mut prepared = futures::stream::iter(jobs)
+                .map(|(slot, source)| {
+                    let (client, stats, decoders, size_rx) =
+                        (client.clone(), stats.clone(), decoders.clone(), size_rx.clone());
+                    async move {
+                        let result = prepare(&client, timeout, &source, limit, size_rx, &decoders, &stats).await;
+                        if let Err(e) = &result {
+                            warn!(%source, "{e}");
+                        }
+                        (slot, result)
+                    }
+                })
+                .buffer_unordered(concurrency);
+            while let Some(item) = prepared.next().await {
+                if prepared_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
+    let (model, labels) =
+        tokio::try_join!(flatten(model_task), flatten(labels_task)).inspect_err(|_| producer.abort())?;
+    if let Err(e) = labels.check_count(model.classes()) {
+        producer.abort();
+        bail!("the labels do not fit the model: {e}");
+    }
+    let labels = Arc::new(labels);
+
+    let progress = progress_bar(args, occurrences.len());
+    let mut printer = Printer { occurrences: &occurrences, next: 0, out, progress: &progress };
+    printer.flush(&args.sources, &outcomes, args.format)?;
+
+    let mut pending: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
+    let mut running = FuturesUnordered::new();
+    let mut input_open = true;
+    let top_k = args.top_k as usize;
+    loop {
+        while let Ok(item) = prepared_rx.try_recv() {
+            accept(item, &mut pending, &mut outcomes);
+        }
+        while running.len() < threads && !pending.is_empty() {
+            // Share what is waiting among the idle workers: a lone image
+            // starts at once, a crowd is split rather than queued behind one.
+            let idle = threads - running.len();
+            let take = pending.len().div_ceil(idle).min(batch_size);
+            let batch: Vec<(usize, Vec<u8>)> = pending.drain(..take).collect();
+            let (model, labels, stats) = (model.clone(), labels.clone(), stats.clone());
+            running.push(tokio::task::spawn_blocking(move || classify(&model, &labels, batch, top_k, &stats)));
+        }
+        printer.flush(&args.sources, &outcomes, args.format)?;
+        if !input_open && pending.is_empty() && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            item = prepared_rx.recv(), if input_open && pending.len() < batch_size * threads => match item {
+                Some(item) => accept(item, &mut pending, &mut outcomes),
+                None => input_open = false,
+            },
+            Some(done) = running.next(), if !running.is_empty() => {
+                for (slot, outcome) in done.context("an inference worker failed")? {
+                    outcomes[slot] = Some(outcome);
+                }
+            }
+        }
+    }
+    printer.flush(&args.sources, &outcomes, args.format)?;
+    progress.finish_and_clear();
+
+    let failed = occurrences.iter().filter(|&&slot| matches!(outcomes[slot], Some(Err(_)))).count();
+    let summary = Summary { classified: occurrences.len() - failed, failed };
+    report(&summary, &stats.lock().unwrap(), started.elapsed());
+    Ok(summary)
+}
+
+async fn flatten<T>(task: tokio::task::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
+    task.await.context("a setup task failed")?
+}
+
+fn accept(
+    (slot, result): (usize, Result<Vec<u8>, String>),
+    pending: &mut VecDeque<(usize, Vec<u8>)>,
+    outcomes: &mut [Option<Outcome>],
+) {
+    match result {
+        Ok(pixels) => pending.push_back((slot, pixels)),
+        Err(e) => outcomes[slot] = Some(Err(e)),
+    }
+}
+
+/// Fetches the first of `sources` that answers, logging each fallback.
+async fn fetch_first(client: &reqwest::Client, timeout: Duration, sources: &[Source]) -> anyhow::Result<Bytes> {
+    let mut errors = vec![];
+    for (i, source) in sources.iter().enumerate() {
+        match fetch::fetch(client, timeout, source, MAX_MODEL_BYTES).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                if let Some(next) = sources.get(i + 1) {
+                    warn!("cannot fetch the model {source}: {e}; falling back to {next}");
+                }
+                errors.push(format!("{source}: {e}"));
+            }
+        }
+    }
+    bail!("cannot fetch the model: {}", errors.join("; "))
+}
+
+/// Fetches, decodes and resizes one image.
+async fn prepare(
+    client: &reqwest::Client,
+    timeout: Duration,
+    source: &Source,
+    limit: u64,
+    mut size: watch::Receiver<Option<(u32, u32)>>,
+    decoders: &Semaphore,
+    stats: &Mutex<Stats>,
+) -> Result<Vec<u8>, String> {
+    let t = Instant::now();
+    let bytes = fetch::fetch(client, timeout, source, limit)
+        .instrument(debug_span!("download", %source))
+        .await
+        .map_err(|e: FetchError| e.to_string())?;
+    {
+        let mut stats = stats.lock().unwrap();
+        stats.downloads += t.elapsed();
+        stats.downloaded_bytes += bytes.len() as u64;
+    }
+    // Decoding is CPU-bound: no more at once than there are cores, which
+    // also bounds the memory of full-size images.
+    let _permit = decoders.acquire().await.map_err(|e| e.to_string())?;
+    let span = debug_span!("decode", %source);
+    let known = *size.borrow();
+    let (pixels, spent) = match known {
+        Some((width, height)) => blocking(move || {
+            let t = Instant::now();
+            let pixels = span.in_scope(|| preprocess::prepare(&bytes, width, height));
+            (pixels, t.elapsed())
+        })
+        .await
+        .map_err(|e| e.to_string())?,
+        None => {
+            let decode_span = span.clone();
+            let (image, decoded) = blocking(move || {
+                let t = Instant::now();
+                (decode_span.in_scope(|| preprocess::decode(&bytes)), t.elapsed())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let image = image.map_err(|e| e.to_string())?;
+            let (width, height) = size
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| "the model could not be loaded".to_string())?
+                .expect("waited for Some");
+            let (pixels, resized) = blocking(move || {
+                let t = Instant::now();
+                (span.in_scope(|| preprocess::resize(image, width, height)), t.elapsed())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            (pixels, decoded + resized)
+        }
+    };
+    stats.lock().unwrap().decode += spent;
+    pixels.map_err(|e| e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.context("a decoding task failed")
+}
+
+/// Classifies one batch and ranks each image's scores.
+fn classify(
+    model: &Model,
+    labels: &Labels,
+    batch: Vec<(usize, Vec<u8>)>,
+    top_k: usize,
+    stats: &Mutex<Stats>,
+) -> Vec<(usize, Outcome)> {
+    let _span = info_span!("batch", size = batch.len()).entered();
+    let t = Instant::now();
+    let images: Vec<&[u8]> = batch.iter().map(|(_, pixels)| pixels.as_slice()).collect();
+    let result = model.classify(&images);
+    {
+        let mut stats = stats.lock().unwrap();
+        stats.inference += t.elapsed();
+        stats.batches += 1;
+    }
+    match result {
+        Ok(scores) => batch
+            .iter()
+            .zip(scores)
+            .map(|((slot, _), scores)| {
+                let predictions = rank::top_k(&scores, top_k)
+                    .into_iter()
+                    .map(|index| Prediction {
+                        index,
+                        label: labels.get(index).unwrap_or_default().to_string(),
+                        score: scores[index],
+                    })
+                    .collect();
+                (*slot, Ok(predictions))
+            })
+            .collect(),
+        Err(e) => {
+            let error = format!("inference failed: {e:#}");
+            warn!("{error}");
+            batch.iter().map(|(slot, _)| (*slot, Err(error.clone()))).collect()
+        }
+    }
+}
+
+/// Prints records in the order the sources were given, as they complete.
+struct Printer<'a> {
+    occurrences: &'a [usize],
+    next: usize,
+    out: &'a mut (dyn Write + Send),
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl Printer<'_> {
+    fn flush(
+        &mut self,
+        inputs: &[String],
+        outcomes: &[Option<Outcome>],
+        format: render::Format,
+    ) -> std::io::Result<()> {
+        let start = self.next;
+        while let Some(&slot) = self.occurrences.get(self.next) {
+            let Some(outcome) = &outcomes[slot] else { break };
+            let record = render::render(format, &inputs[self.next], outcome);
+            self.progress.suspend(|| self.out.write_all(record.as_bytes()))?;
+            self.next += 1;
+        }
+        if self.next > start {
+            self.out.flush()?;
+            self.progress.set_position(self.next as u64);
+        }
+        Ok(())
+    }
+}
+
+/// A progress bar on stderr, when stderr is a terminal and there is enough
+/// to wait for.
+fn progress_bar(args: &Args, total: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if args.quiet || total < 10 || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn report(summary: &Summary, stats: &Stats, wall: Duration) {
+    let secs = |d: Duration| format!("{:.3} s", d.as_secs_f64());
+    info!(
+        classified = summary.classified,
+        failed = summary.failed,
+        wall = %secs(wall),
+        "done: {} of {} sources classified in {}",
+        summary.classified,
+        summary.classified + summary.failed,
+        secs(wall)
+    );
+    info!(
+        model_download = %secs(stats.model_download),
+        model_prepare = %secs(stats.model_prepare),
+        image_downloads = %secs(stats.downloads),
+        image_bytes = stats.downloaded_bytes,
+        decode_resize = %secs(stats.decode),
+        inference = %secs(stats.inference),
+        batches = stats.batches,
+        "stage times (image stages summed over images, which overlap)"
+    );
+}

@@ -1,0 +1,107 @@
+//! The render stage: one record per source, as text or JSON Lines.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::rank::Prediction;
+
+/// How results are printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A block per source: its name, then one `score  label (class)` line per prediction.
+    Text,
+    /// JSON Lines: one object per source, in the order given.
+    Json,
+}
+
+/// What became of one source.
+pub type Outcome = Result<Vec<Prediction>, String>;
+
+#[derive(Serialize)]
+struct JsonPrediction<'a> {
+    label: &'a str,
+    index: usize,
+    score: f64,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum JsonRecord<'a> {
+    Predictions { source: &'a str, predictions: Vec<JsonPrediction<'a>> },
+    Error { source: &'a str, error: &'a str },
+}
+
+/// Scores are computed in f32; six decimals say all they hold, and keep
+/// `0.81` from printing as `0.8100000023841858`.
+fn round(score: f32) -> f64 {
+    (score as f64 * 1e6).round() / 1e6
+}
+
+/// The record for `source`, ending with a newline.
+pub fn render(format: Format, source: &str, outcome: &Outcome) -> String {
+    match format {
+        Format::Json => {
+            let record = match outcome {
+                Ok(predictions) => JsonRecord::Predictions {
+                    source,
+                    predictions: predictions
+                        .iter()
+                        .map(|p| JsonPrediction { label: &p.label, index: p.index, score: round(p.score) })
+                        .collect(),
+                },
+                Err(error) => JsonRecord::Error { source, error },
+            };
+            let mut line = serde_json::to_string(&record).expect("records serialize");
+            line.push('\n');
+            line
+        }
+        Format::Text => {
+            let mut out = format!("{source}\n");
+            match outcome {
+                Ok(predictions) => {
+                    for p in predictions {
+                        let _ = writeln!(out, "  {:.4}  {} ({})", p.score, p.label, p.index);
+                    }
+                }
+                Err(error) => {
+                    let _ = writeln!(out, "  error: {error}");
+                }
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn robin() -> Outcome {
+        Ok(vec![
+            Prediction { index: 484, label: "Turdus migratorius".into(), score: 0.953125 },
+            Prediction { index: 12, label: "Sialia \"eastern\" bluebird".into(), score: 0.81 },
+        ])
+    }
+
+    #[test]
+    fn json_lines_schema() {
+        let line = render(Format::Json, "https://h/robin.jpg", &robin());
+        assert_eq!(
+            line,
+            "{\"source\":\"https://h/robin.jpg\",\"predictions\":[{\"label\":\"Turdus migratorius\",\"index\":484,\"score\":0.953125},\
+             {\"label\":\"Sialia \\\"eastern\\\" bluebird\",\"index\":12,\"score\":0.81}]}\n"
+        );
+        let line = render(Format::Json, "a.jpg", &Err("HTTP 404 Not Found".into()));
+        assert_eq!(line, "{\"source\":\"a.jpg\",\"error\":\"HTTP 404 Not Found\"}\n");
+    }
+
+    #[test]
+    fn text_is_a_block_per_source() {
+        assert_eq!(
+            render(Format::Text, "robin.jpg", &robin()),
+            "robin.jpg\n  0.9531  Turdus migratorius (484)\n  0.8100  Sialia \"eastern\" bluebird (12)\n"
+        );
+        assert_eq!(render(Format::Text, "x.jpg", &Err("empty body".into())), "x.jpg\n  error: empty body\n");
+    }
+}
