@@ -15,6 +15,14 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&args);
+    // Panics caught while tract reads an untrusted model become errors with
+    // their own message; any other panic is a bug and is shown as usual.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !classifier::model::panic_is_guarded() {
+            default_hook(info);
+        }
+    }));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -534,7 +534,7 @@ fn dequantize_values(name: &str, shape: &[i32], q: &Quant, values: impl Iterator
     let channels = q.scale.len();
     if channels == 1 {
         let zp = q.zero_point.first().copied().unwrap_or(0);
-        return Ok(values.map(|v| (v - zp) as f32 * q.scale[0]).collect());
+        return Ok(values.map(|v| (v as f64 - zp as f64) as f32 * q.scale[0]).collect());
     }
     if q.axis >= shape.len() || shape[q.axis] as usize != channels {
         return Err(malformed(format!("tensor {name} has {channels} scales for axis {} of shape {shape:?}", q.axis)));
@@ -545,7 +545,7 @@ fn dequantize_values(name: &str, shape: &[i32], q: &Quant, values: impl Iterator
         .enumerate()
         .map(|(i, v)| {
             let c = (i / inner.max(1)) % channels;
-            (v - zero_point(c)) as f32 * q.scale[c]
+            (v as f64 - zero_point(c) as f64) as f32 * q.scale[c]
         })
         .collect())
 }
@@ -713,7 +713,6 @@ impl Rebuilt {
                 outputs: Some(outputs),
                 operators: Some(ops),
                 name: Some(name),
-                ..Default::default()
             },
         );
         let codes: Vec<_> = codes
@@ -824,6 +823,89 @@ fn write_options<'fb>(
         Options::Reducer { keep_dims } => {
             let args = ReducerOptionsArgs { keep_dims: *keep_dims };
             (BuiltinOptions::ReducerOptions, Some(ReducerOptions::create(fb, &args).as_union_value()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mock() -> Vec<u8> {
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mock_model.tflite")).unwrap()
+    }
+
+    fn rebuilt_ops(bytes: &[u8]) -> Vec<(BuiltinOperator, ActivationFunctionType)> {
+        let model = tflite::root_as_model(bytes).unwrap();
+        let codes = model.operator_codes().unwrap();
+        let graph = model.subgraphs().unwrap().get(0);
+        graph
+            .operators()
+            .unwrap()
+            .iter()
+            .map(|op| {
+                let code = codes.get(op.opcode_index() as usize).builtin_code();
+                let fused = op
+                    .builtin_options_as_conv_2_doptions()
+                    .map(|o| o.fused_activation_function())
+                    .or(op.builtin_options_as_add_options().map(|o| o.fused_activation_function()))
+                    .unwrap_or(ActivationFunctionType::NONE);
+                (code, fused)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rebuild_is_float_with_explicit_activations() {
+        let float = dequantize(&mock()).unwrap();
+        assert_eq!(float.normalization, Normalization { scale: 1.0 / 255.0, offset: 0.0 });
+        let model = tflite::root_as_model(&float.tflite).unwrap();
+        let graph = model.subgraphs().unwrap().get(0);
+        for t in graph.tensors().unwrap() {
+            assert!(t.quantization().is_none(), "{:?} keeps its quantization", t.name());
+            assert!(matches!(t.type_(), TensorType::FLOAT32 | TensorType::INT32), "{:?}", t.name());
+        }
+        let ops = rebuilt_ops(&float.tflite);
+        use ActivationFunctionType as A;
+        use BuiltinOperator as B;
+        assert_eq!(
+            ops,
+            [
+                (B::CONV_2D, A::RELU6), // range [0, 6]
+                (B::CONV_2D, A::RELU),  // range [0, 0.5]
+                (B::ADD, A::RELU),
+                (B::AVERAGE_POOL_2D, A::NONE),
+                (B::RESHAPE, A::NONE), // rank 4 to rank 2 for FULLY_CONNECTED
+                (B::FULLY_CONNECTED, A::NONE),
+                (B::SOFTMAX, A::NONE),
+            ]
+        );
+    }
+
+    #[test]
+    fn per_axis_scales_are_honoured() {
+        let q = Quant { scale: vec![0.5, 2.0], zero_point: vec![0, 1], axis: 0 };
+        let values = dequantize_values("w", &[2, 3], &q, [2, 4, 6, 1, 2, 3].into_iter()).unwrap();
+        assert_eq!(values, [1.0, 2.0, 3.0, 0.0, 2.0, 4.0]);
+        let bad = dequantize_values("w", &[3, 2], &q, [0; 6].into_iter());
+        assert!(matches!(bad, Err(DequantizeError::Malformed(_))));
+    }
+
+    #[test]
+    fn garbage_gives_errors_not_panics() {
+        assert!(matches!(dequantize(b""), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"<html><body>nope</body></html>"), Err(DequantizeError::NotTflite)));
+        let model = mock();
+        for len in 0..model.len() {
+            assert!(dequantize(&model[..len]).is_err(), "a model cut at {len} bytes was accepted");
+        }
+        // Every single-byte corruption either fails cleanly or still rebuilds.
+        for at in 0..model.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut corrupt = model.clone();
+                corrupt[at] ^= flip;
+                let _ = dequantize(&corrupt);
+            }
         }
     }
 }

@@ -23,6 +23,38 @@ pub enum ModelError {
     NotAClassifier(String),
     #[error("tract could not load the model: {0:#}")]
     Tract(TractError),
+    #[error("the model is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside tract code run on untrusted model bytes,
+/// where a panic is caught and becomes an error: a panic hook can stay quiet.
+pub fn panic_is_guarded() -> bool {
+    GUARDED.get()
+}
+
+/// Runs tract on a rebuilt model. The rebuild checks what it reads, but
+/// tract trusts every shape it is given and some inconsistent ones make it
+/// panic: such a panic is caught here and reported as a bad model.
+fn guarded<T>(f: impl FnOnce() -> TractResult<T>) -> Result<T, ModelError> {
+    GUARDED.set(true);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.set(false);
+    match outcome {
+        Ok(result) => result.map_err(ModelError::Tract),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "tract failed".into());
+            Err(ModelError::Inconsistent(message))
+        }
+    }
 }
 
 /// What a model expects as input.
@@ -61,10 +93,10 @@ impl Model {
         let tflite = extract_tflite(bytes)?;
         let float = dequantize::dequantize(&tflite)?;
         let rebuilt = started.elapsed();
-        let model = tract_tflite::tflite().model_for_read(&mut &float.tflite[..]).map_err(ModelError::Tract)?;
+        let model = guarded(|| tract_tflite::tflite().model_for_read(&mut &float.tflite[..]))?;
         let (input, classes) = classifier_shape(&model, float.normalization)?;
         let loaded = started.elapsed();
-        let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(ModelError::Tract)?;
+        let plan = guarded(|| model.into_optimized()?.into_runnable())?;
         tracing::debug!(
             rebuild_ms = rebuilt.as_secs_f64() * 1e3,
             load_ms = (loaded - rebuilt).as_secs_f64() * 1e3,
@@ -99,7 +131,7 @@ impl Model {
             let shape = (1, height as usize, width as usize, 3);
             let data: Vec<f32> = image.iter().map(|&p| p as f32 * n.scale + n.offset).collect();
             let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
-            let outputs = state.run(tvec!(input.into()))?;
+            let outputs = guarded(|| state.run(tvec!(input.into())))?;
             let scores = outputs[0].to_plain_array_view::<f32>()?;
             anyhow::ensure!(
                 scores.len() == self.classes,
@@ -139,4 +171,38 @@ fn classifier_shape(model: &TypedModel, normalization: Normalization) -> Result<
         return Err(not_classifier("input too large".into()));
     };
     Ok((InputSpec { width, height, normalization }, classes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mock() -> Vec<u8> {
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mock_model.tflite")).unwrap()
+    }
+
+    #[test]
+    fn mock_model_reads_its_shape_and_classifies() {
+        let model = Model::from_bytes(&mock()).unwrap();
+        assert_eq!((model.input().width, model.input().height, model.classes()), (8, 8, 3));
+        let red: Vec<u8> = [255, 0, 0].repeat(64);
+        let blue: Vec<u8> = [0, 0, 255].repeat(64);
+        let scores = model.classify(&[&red, &blue]).unwrap();
+        assert!((scores[0][0] - 0.7175).abs() < 0.01, "{:?}", scores[0]);
+        assert!((scores[1][2] - 0.7175).abs() < 0.01, "{:?}", scores[1]);
+        assert!(model.classify(&[&red[..10]]).is_err());
+    }
+
+    #[test]
+    fn corrupt_models_fail_without_panicking() {
+        let model = mock();
+        for at in 0..model.len() {
+            for flip in [0x01u8, 0x10, 0xff] {
+                let mut corrupt = model.clone();
+                corrupt[at] ^= flip;
+                let outcome = std::panic::catch_unwind(|| Model::from_bytes(&corrupt).map(|_| ()));
+                assert!(outcome.is_ok(), "flipping {flip:#x} at byte {at} panicked");
+            }
+        }
+    }
 }

@@ -1,0 +1,332 @@
+//! End-to-end tests: the real binary against a loopback HTTP server, with the
+//! project's mock model (the dominant colour of an image: red, green, blue).
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
+use serde_json::Value;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(vec![]);
+    image.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+fn solid(rgb: [u8; 3]) -> DynamicImage {
+    DynamicImage::ImageRgb8(RgbImage::from_pixel(48, 32, Rgb(rgb)))
+}
+
+fn png(rgb: [u8; 3]) -> Vec<u8> {
+    encode(&solid(rgb), ImageFormat::Png)
+}
+
+const RED: [u8; 3] = [250, 10, 10];
+const GREEN: [u8; 3] = [10, 250, 10];
+const BLUE: [u8; 3] = [10, 10, 250];
+
+/// A loopback server with the mock model and labels mounted.
+async fn server() -> MockServer {
+    let server = MockServer::start().await;
+    serve(&server, "/model.tflite", std::fs::read(fixture("mock_model.tflite")).unwrap()).await;
+    serve(&server, "/labels.csv", std::fs::read(fixture("mock_labels.csv")).unwrap()).await;
+    server
+}
+
+async fn serve(server: &MockServer, at: &str, body: Vec<u8>) {
+    Mock::given(method("GET"))
+        .and(path(at))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(body))
+        .mount(server)
+        .await;
+}
+
+async fn run(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Runs against `server`'s mock model with `--format json` and `extra` args.
+async fn classify(server: &MockServer, extra: &[&str]) -> (i32, Vec<Value>, String) {
+    let mut args = vec![
+        "--model".to_string(),
+        format!("{}/model.tflite", server.uri()),
+        "--labels".to_string(),
+        format!("{}/labels.csv", server.uri()),
+        "--format".to_string(),
+        "json".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = run(args).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let records = stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    (out.status.code().unwrap(), records, String::from_utf8(out.stderr).unwrap())
+}
+
+fn top1(record: &Value) -> (&str, f64) {
+    let best = &record["predictions"][0];
+    (best["label"].as_str().unwrap(), best["score"].as_f64().unwrap())
+}
+
+#[tokio::test]
+async fn classifies_each_image_in_the_order_given() {
+    let server = server().await;
+    serve(&server, "/red.png", png(RED)).await;
+    serve(&server, "/green.jpg", encode(&solid(GREEN), ImageFormat::Jpeg)).await;
+    serve(&server, "/blue.bmp", encode(&solid(BLUE), ImageFormat::Bmp)).await;
+    let urls: Vec<String> =
+        ["blue.bmp", "red.png", "green.jpg"].iter().map(|f| format!("{}/{f}", server.uri())).collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (code, records, stderr) = classify(&server, &args).await;
+    assert_eq!(code, 0, "{stderr}");
+    let sources: Vec<&str> = records.iter().map(|r| r["source"].as_str().unwrap()).collect();
+    assert_eq!(sources, args);
+    let labels: Vec<&str> = records.iter().map(|r| top1(r).0).collect();
+    assert_eq!(labels, ["blue", "red", "green"]);
+    // The implied ReLU6 of the mock model shows in the score: 0.807 without
+    // its top clamp, 0.919 without any.
+    let (_, score) = top1(&records[1]);
+    assert!((score - 0.7175).abs() < 0.02, "{score}");
+    // Three predictions by default, best first, with their class index.
+    let predictions = records[1]["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 3);
+    assert_eq!(predictions[0]["index"], 0);
+    assert!(predictions[0]["score"].as_f64() >= predictions[1]["score"].as_f64());
+    // Logs and timings on stderr, results only on stdout.
+    assert!(stderr.contains("done: 3 of 3 sources classified"), "{stderr}");
+    assert!(stderr.contains("model_prepare"), "{stderr}");
+}
+
+#[tokio::test]
+async fn text_output_and_top_k() {
+    let server = server().await;
+    serve(&server, "/red.png", png(RED)).await;
+    let out = run(vec![
+        "--model".into(),
+        format!("{}/model.tflite", server.uri()),
+        "--labels".into(),
+        format!("{}/labels.csv", server.uri()),
+        "--top-k".into(),
+        "2".into(),
+        "-q".into(),
+        format!("{}/red.png", server.uri()),
+    ])
+    .await;
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines[0], format!("{}/red.png", server.uri()));
+    assert!(lines[1].trim_start().ends_with("red (0)"), "{stdout}");
+    assert!(out.stderr.is_empty(), "-q prints nothing on success: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_image_is_reported_and_the_good_ones_still_classified() {
+    let server = server().await;
+    serve(&server, "/good.png", png(GREEN)).await;
+    Mock::given(path("/missing.jpg")).respond_with(ResponseTemplate::new(404)).mount(&server).await;
+    Mock::given(path("/broken.jpg")).respond_with(ResponseTemplate::new(500)).mount(&server).await;
+    Mock::given(path("/slow.jpg"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(png(RED)).set_delay(Duration::from_secs(10)))
+        .mount(&server)
+        .await;
+    Mock::given(path("/page.jpg"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/html")
+                .set_body_string("<!DOCTYPE html><html><body>Moved</body></html>"),
+        )
+        .mount(&server)
+        .await;
+    let jpeg = encode(&solid(RED), ImageFormat::Jpeg);
+    serve(&server, "/truncated.jpg", jpeg[..jpeg.len() / 2].to_vec()).await;
+    serve(&server, "/empty.jpg", vec![]).await;
+    serve(&server, "/huge.png", huge_png_header()).await;
+    serve(&server, "/big.png", encode(&DynamicImage::ImageRgb8(noise(300, 300)), ImageFormat::Png)).await;
+    // A port that refuses connections: bound, then closed.
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/a.jpg", listener.local_addr().unwrap())
+    };
+
+    let uri = server.uri();
+    let sources = vec![
+        format!("{uri}/missing.jpg"),
+        format!("{uri}/broken.jpg"),
+        refused,
+        format!("{uri}/slow.jpg"),
+        format!("{uri}/page.jpg"),
+        format!("{uri}/truncated.jpg"),
+        format!("{uri}/empty.jpg"),
+        format!("{uri}/huge.png"),
+        format!("{uri}/big.png"),
+        "ftp://example.org/bird.jpg".to_string(),
+        "/nonexistent/bird.jpg".to_string(),
+        format!("{uri}/good.png"),
+    ];
+    let mut args: Vec<&str> = vec!["--timeout", "1", "--max-image-bytes", "100000"];
+    args.extend(sources.iter().map(String::as_str));
+    let (code, records, stderr) = classify(&server, &args).await;
+    assert_eq!(code, 1, "some sources failed: {stderr}");
+    assert_eq!(records.len(), sources.len());
+    let error = |i: usize| records[i]["error"].as_str().unwrap_or_else(|| panic!("no error in {}", records[i]));
+    assert_eq!(error(0), "HTTP 404 Not Found");
+    assert_eq!(error(1), "HTTP 500 Internal Server Error");
+    assert!(error(2).starts_with("cannot connect"), "{}", error(2));
+    assert_eq!(error(3), "timed out after 1 s");
+    assert_eq!(error(4), "not an image (the content is an HTML page)");
+    assert!(error(5).starts_with("cannot decode JPEG image"), "{}", error(5));
+    assert_eq!(error(6), "empty body");
+    assert_eq!(error(7), "image of 50000x50000 pixels is larger than the limit of 16384x16384");
+    assert_eq!(error(8), "body larger than the limit of 100000 bytes");
+    assert!(error(9).contains("unsupported scheme \"ftp\""), "{}", error(9));
+    assert!(error(10).starts_with("cannot read file"), "{}", error(10));
+    assert_eq!(top1(&records[11]).0, "green");
+    // Each failure is logged with its source.
+    assert!(stderr.contains("missing.jpg"), "{stderr}");
+}
+
+#[tokio::test]
+async fn deep_gray_and_cmyk_images_are_converted() {
+    let server = server().await;
+    let deep = DynamicImage::ImageRgb16(solid(RED).to_rgb16());
+    serve(&server, "/deep.png", encode(&deep, ImageFormat::Png)).await;
+    let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(20, 20, image::Luma([128])));
+    serve(&server, "/gray.jpg", encode(&gray, ImageFormat::Jpeg)).await;
+    serve(&server, "/cmyk.jpg", std::fs::read(fixture("cmyk_red.jpg")).unwrap()).await;
+    let uri = server.uri();
+    let urls = [format!("{uri}/deep.png"), format!("{uri}/gray.jpg"), format!("{uri}/cmyk.jpg")];
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (code, records, stderr) = classify(&server, &args).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(top1(&records[0]).0, "red");
+    assert_eq!(top1(&records[2]).0, "red");
+    // Gray has no dominant colour: all three classes score alike.
+    let scores: Vec<f64> =
+        records[1]["predictions"].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).collect();
+    assert!(scores.iter().all(|s| (s - 1.0 / 3.0).abs() < 0.02), "{scores:?}");
+}
+
+#[tokio::test]
+async fn the_same_url_twice_is_fetched_once_and_reported_twice() {
+    let server = server().await;
+    Mock::given(path("/red.png"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(png(RED)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    serve(&server, "/blue.png", png(BLUE)).await;
+    let (red, blue) = (format!("{}/red.png", server.uri()), format!("{}/blue.png", server.uri()));
+    let (code, records, stderr) = classify(&server, &[&red, &blue, &red]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let labels: Vec<&str> = records.iter().map(|r| top1(r).0).collect();
+    assert_eq!(labels, ["red", "blue", "red"]);
+    server.verify().await;
+}
+
+#[tokio::test]
+async fn a_model_in_a_tar_gz_is_found_by_content() {
+    let server = server().await;
+    let model = std::fs::read(fixture("mock_model.tflite")).unwrap();
+    let mut tar = tar::Builder::new(vec![]);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(model.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "1.tflite", &model[..]).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+    // Served under a name that says nothing of its content, as Kaggle does.
+    serve(&server, "/download", gz.finish().unwrap()).await;
+    serve(&server, "/red.png", png(RED)).await;
+    let out = run(vec![
+        "--model".into(),
+        format!("{}/download", server.uri()),
+        "--labels".into(),
+        fixture("mock_labels.csv").display().to_string(),
+        "--format".into(),
+        "json".into(),
+        format!("{}/red.png", server.uri()),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8(out.stdout).unwrap().contains("\"label\":\"red\""));
+}
+
+/// Runs with a broken model or labels: exit 2, nothing on stdout, and the
+/// reason on stderr.
+async fn setup_failure(model: Vec<u8>, labels: &str) -> String {
+    let server = MockServer::start().await;
+    serve(&server, "/model.tflite", model).await;
+    serve(&server, "/labels.csv", labels.as_bytes().to_vec()).await;
+    serve(&server, "/red.png", png(RED)).await;
+    let (code, records, stderr) = classify(&server, &[&format!("{}/red.png", server.uri())]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(records.is_empty());
+    stderr
+}
+
+#[tokio::test]
+async fn a_bad_model_or_labels_stop_the_run_with_exit_2() {
+    let model = std::fs::read(fixture("mock_model.tflite")).unwrap();
+    let labels = std::fs::read_to_string(fixture("mock_labels.csv")).unwrap();
+
+    let stderr = setup_failure(b"<html>not a model</html>".to_vec(), &labels).await;
+    assert!(stderr.contains("not a TensorFlow Lite model nor a gzip'd tar holding one"), "{stderr}");
+
+    let stderr = setup_failure(model[..model.len() * 2 / 3].to_vec(), &labels).await;
+    assert!(stderr.contains("malformed TensorFlow Lite flatbuffer"), "{stderr}");
+
+    let stderr = setup_failure(model.clone(), "id,name\n0,red\n1,green\n").await;
+    assert!(stderr.contains("the label map names 2 classes but the model scores 3"), "{stderr}");
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2() {
+    let out = run(vec![]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(vec!["--top-k".into(), "0".into(), "a.jpg".into()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(vec!["--model".into(), "gopher://x/m.tflite".into(), "a.jpg".into()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme"));
+}
+
+/// A PNG whose header claims 50000x50000 pixels, with a valid CRC.
+fn huge_png_header() -> Vec<u8> {
+    let mut png = png(RED);
+    png[16..20].copy_from_slice(&50_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    png
+}
+
+/// Incompressible pixels, so that the PNG is large.
+fn noise(width: u32, height: u32) -> RgbImage {
+    let mut state = 0x2545_f491_u32;
+    RgbImage::from_fn(width, height, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let [a, b, c, _] = state.to_le_bytes();
+        Rgb([a, b, c])
+    })
+}
