@@ -322,7 +322,7 @@ fn classify(
     top_k: usize,
     stats: &Mutex<Stats>,
 ) -> Vec<(usize, Outcome)> {
-    let _span = info_span!("batch", size = batch.len()).entered();
+    let _span = debug_span!("batch", size = batch.len()).entered();
     let t = Instant::now();
     let images: Vec<&[u8]> = batch.iter().map(|(_, pixels)| pixels.as_slice()).collect();
     let result = model.classify(&images);
