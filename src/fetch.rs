@@ -76,6 +76,23 @@ pub async fn fetch(client: &Client, timeout: Duration, source: &Source, limit: u
     }
 }
 
+/// Fetches the first of `sources` that answers, logging each fallback.
+pub async fn fetch_first(client: &Client, timeout: Duration, sources: &[Source], limit: u64) -> anyhow::Result<Bytes> {
+    let mut errors = vec![];
+    for (i, source) in sources.iter().enumerate() {
+        match fetch(client, timeout, source, limit).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                if let Some(next) = sources.get(i + 1) {
+                    tracing::warn!("cannot fetch {source}: {e}; falling back to {next}");
+                }
+                errors.push(format!("{source}: {e}"));
+            }
+        }
+    }
+    anyhow::bail!("cannot fetch the model: {}", errors.join("; "))
+}
+
 /// Turns reqwest's error into one that says what went wrong in a few words.
 fn classify(e: reqwest::Error, timeout: Duration) -> FetchError {
     if e.is_timeout() {
@@ -93,5 +110,46 @@ fn classify(e: reqwest::Error, timeout: Duration) -> FetchError {
         FetchError::Http(format!("body interrupted: {cause}"))
     } else {
         FetchError::Http(cause)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    #[tokio::test]
+    async fn falls_back_to_the_next_source() {
+        let server = MockServer::start().await;
+        Mock::given(path("/kaggle")).respond_with(ResponseTemplate::new(403)).mount(&server).await;
+        Mock::given(path("/tfhub"))
+            .respond_with(ResponseTemplate::new(200).set_body_string("model"))
+            .mount(&server)
+            .await;
+        let timeout = Duration::from_secs(5);
+        let client = client(timeout).unwrap();
+        let url = |p: &str| Source::parse(&format!("{}/{p}", server.uri())).unwrap();
+        let bytes = fetch_first(&client, timeout, &[url("kaggle"), url("tfhub")], 100).await.unwrap();
+        assert_eq!(&bytes[..], b"model");
+        let err = fetch_first(&client, timeout, &[url("kaggle"), url("missing")], 100).await.unwrap_err();
+        assert!(err.to_string().ends_with("/missing: HTTP 404 Not Found"), "{err}");
+        assert!(err.to_string().contains("/kaggle: HTTP 403 Forbidden"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn limits_are_checked_for_files_and_streams() {
+        let server = MockServer::start().await;
+        Mock::given(path("/big"))
+            .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![7u8; 5000]))
+            .mount(&server)
+            .await;
+        let timeout = Duration::from_secs(5);
+        let client = client(timeout).unwrap();
+        let big = Source::parse(&format!("{}/big", server.uri())).unwrap();
+        assert!(matches!(fetch(&client, timeout, &big, 4999).await, Err(FetchError::TooLarge { limit: 4999 })));
+        assert_eq!(fetch(&client, timeout, &big, 5000).await.unwrap().len(), 5000);
+        let file = Source::Path(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mock_labels.csv").into());
+        assert!(matches!(fetch(&client, timeout, &file, 3).await, Err(FetchError::TooLarge { limit: 3 })));
     }
 }

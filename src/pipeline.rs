@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug_span, info, info_span, warn};
@@ -100,7 +99,9 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
         let (client, stats) = (client.clone(), stats.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let bytes = fetch_first(&client, timeout, &model_sources).instrument(info_span!("model_download")).await?;
+            let bytes = fetch::fetch_first(&client, timeout, &model_sources, MAX_MODEL_BYTES)
+                .instrument(info_span!("model_download"))
+                .await?;
             stats.lock().unwrap().model_download = t.elapsed();
             let t = Instant::now();
             let model = tokio::task::spawn_blocking(move || {
@@ -231,23 +232,6 @@ fn accept(
         Ok(pixels) => pending.push_back((slot, pixels)),
         Err(e) => outcomes[slot] = Some(Err(e)),
     }
-}
-
-/// Fetches the first of `sources` that answers, logging each fallback.
-async fn fetch_first(client: &reqwest::Client, timeout: Duration, sources: &[Source]) -> anyhow::Result<Bytes> {
-    let mut errors = vec![];
-    for (i, source) in sources.iter().enumerate() {
-        match fetch::fetch(client, timeout, source, MAX_MODEL_BYTES).await {
-            Ok(bytes) => return Ok(bytes),
-            Err(e) => {
-                if let Some(next) = sources.get(i + 1) {
-                    warn!("cannot fetch the model {source}: {e}; falling back to {next}");
-                }
-                errors.push(format!("{source}: {e}"));
-            }
-        }
-    }
-    bail!("cannot fetch the model: {}", errors.join("; "))
 }
 
 /// Fetches, decodes and resizes one image.
