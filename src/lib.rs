@@ -12,6 +12,7 @@ pub mod labels;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod progress;
 pub mod rank;
 pub mod render;
 pub mod source;

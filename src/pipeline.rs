@@ -173,7 +173,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     }
     let labels = Arc::new(labels);
 
-    let progress = progress_bar(args, occurrences.len());
+    let progress = crate::progress::bar(occurrences.len(), 10, args.quiet);
     let mut printer = Printer { occurrences: &occurrences, next: 0, out, progress: &progress };
     printer.flush(&args.sources, &outcomes, args.format)?;
 
@@ -367,20 +367,6 @@ impl Printer<'_> {
         }
         Ok(())
     }
-}
-
-/// A progress bar on stderr, when stderr is a terminal and there is enough
-/// to wait for.
-fn progress_bar(args: &Args, total: usize) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if args.quiet || total < 10 || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}") {
-        bar.set_style(style);
-    }
-    bar
 }
 
 fn report(summary: &Summary, stats: &Stats, wall: Duration) {
