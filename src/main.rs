@@ -31,7 +31,10 @@ fn main() -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    match runtime.block_on(classifier::pipeline::run(&args, &mut stdout)) {
+    let outcome = runtime.block_on(classifier::pipeline::run(&args, &mut stdout));
+    // Results are out: do not wait for decodes of a run that stopped early.
+    runtime.shutdown_background();
+    match outcome {
         Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
         Err(e) => {

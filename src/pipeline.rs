@@ -136,39 +136,47 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
 
     // Prepared images, bounded: when inference falls behind, downloads wait.
     let batch_size = args.batch_size as usize;
-    let (prepared_tx, mut prepared_rx) = mpsc::channel::<(usize, Result<Vec<u8>, String>)>(batch_size * threads);
+    let queue = batch_size * threads;
+    let (prepared_tx, mut prepared_rx) = mpsc::channel::<(usize, Result<Vec<u8>, String>)>(queue);
     let producer = {
         let (client, stats) = (client.clone(), stats.clone());
-        let decoders = Arc::new(Semaphore::new(threads));
-        let limit = args.max_image_bytes;
-        let concurrency = args.concurrency as usize;
+        let limits = Limits {
+            bytes: args.max_image_bytes,
+            decoders: Arc::new(Semaphore::new(threads)),
+            early: Arc::new(Semaphore::new(2 * threads)),
+        };
+        // A permit is held from the start of a download until its result is
+        // queued, so at most `--concurrency` images are in flight. Each image
+        // is its own task: a download keeps streaming (and its timeout stays
+        // honest) while others wait to be queued.
+        let in_flight = Arc::new(Semaphore::new(args.concurrency as usize));
         let jobs: Vec<(usize, Source)> = unique.into_iter().map(|s| (index[&s], s)).collect();
         tokio::spawn(async move {
-            let mut prepared = futures::stream::iter(jobs)
-                .map(|(slot, source)| {
-                    let (client, stats, decoders, size_rx) =
-                        (client.clone(), stats.clone(), decoders.clone(), size_rx.clone());
-                    async move {
-                        let result = prepare(&client, timeout, &source, limit, size_rx, &decoders, &stats).await;
-                        if let Err(e) = &result {
-                            warn!(%source, "{e}");
-                        }
-                        (slot, result)
+            let mut tasks = tokio::task::JoinSet::new();
+            for (slot, source) in jobs {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let (client, stats, limits, size_rx, tx) =
+                    (client.clone(), stats.clone(), limits.clone(), size_rx.clone(), prepared_tx.clone());
+                tasks.spawn(async move {
+                    let result = prepare(&client, timeout, &source, &limits, size_rx, &stats).await;
+                    if let Err(e) = &result {
+                        warn!(%source, "{e}");
                     }
-                })
-                .buffer_unordered(concurrency);
-            while let Some(item) = prepared.next().await {
-                if prepared_tx.send(item).await.is_err() {
-                    break;
-                }
+                    let _ = tx.send((slot, result)).await;
+                    drop(permit);
+                });
+                // Reap finished tasks as we go so the set stays small.
+                while tasks.try_join_next().is_some() {}
             }
+            while tasks.join_next().await.is_some() {}
         })
     };
 
-    let (model, labels) =
-        tokio::try_join!(flatten(model_task), flatten(labels_task)).inspect_err(|_| producer.abort())?;
+    let tasks = [model_task.abort_handle(), labels_task.abort_handle(), producer.abort_handle()];
+    let abort = || tasks.iter().for_each(|task| task.abort());
+    let (model, labels) = tokio::try_join!(flatten(model_task), flatten(labels_task)).inspect_err(|_| abort())?;
     if let Err(e) = labels.check_count(model.classes()) {
-        producer.abort();
+        abort();
         bail!("the labels do not fit the model: {e}");
     }
     let labels = Arc::new(labels);
@@ -182,7 +190,9 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     let mut input_open = true;
     let top_k = args.top_k as usize;
     loop {
-        while let Ok(item) = prepared_rx.try_recv() {
+        while pending.len() < queue
+            && let Ok(item) = prepared_rx.try_recv()
+        {
             accept(item, &mut pending, &mut outcomes);
         }
         while running.len() < threads && !pending.is_empty() {
@@ -191,29 +201,46 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
             let idle = threads - running.len();
             let take = pending.len().div_ceil(idle).min(batch_size);
             let batch: Vec<(usize, Vec<u8>)> = pending.drain(..take).collect();
+            let slots: Vec<usize> = batch.iter().map(|(slot, _)| *slot).collect();
             let (model, labels, stats) = (model.clone(), labels.clone(), stats.clone());
-            running.push(tokio::task::spawn_blocking(move || classify(&model, &labels, batch, top_k, &stats)));
+            let job = tokio::task::spawn_blocking(move || classify(&model, &labels, batch, top_k, &stats));
+            running.push(async move { (slots, job.await) });
         }
         printer.flush(&args.sources, &outcomes, args.format)?;
         if !input_open && pending.is_empty() && running.is_empty() {
             break;
         }
         tokio::select! {
-            item = prepared_rx.recv(), if input_open && pending.len() < batch_size * threads => match item {
+            item = prepared_rx.recv(), if input_open && pending.len() < queue => match item {
                 Some(item) => accept(item, &mut pending, &mut outcomes),
                 None => input_open = false,
             },
-            Some(done) = running.next(), if !running.is_empty() => {
-                for (slot, outcome) in done.context("an inference worker failed")? {
-                    outcomes[slot] = Some(outcome);
+            Some((slots, done)) = running.next(), if !running.is_empty() => {
+                match done {
+                    Ok(results) => {
+                        for (slot, outcome) in results {
+                            outcomes[slot] = Some(outcome);
+                        }
+                    }
+                    // A panic is a bug, but it costs only its own batch.
+                    Err(e) => {
+                        for slot in slots {
+                            outcomes[slot] = Some(Err(format!("internal error in inference: {e}")));
+                        }
+                    }
                 }
             }
         }
     }
+    // Every source has an outcome by now; should one not, it must not pass
+    // for a success.
+    for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+        *outcome = Some(Err("internal error: no result".into()));
+    }
     printer.flush(&args.sources, &outcomes, args.format)?;
     progress.finish_and_clear();
 
-    let failed = occurrences.iter().filter(|&&slot| matches!(outcomes[slot], Some(Err(_)))).count();
+    let failed = occurrences.iter().filter(|&&slot| !matches!(outcomes[slot], Some(Ok(_)))).count();
     let summary = Summary { classified: occurrences.len() - failed, failed };
     report(&summary, &stats.lock().unwrap(), started.elapsed());
     Ok(summary)
@@ -234,18 +261,30 @@ fn accept(
     }
 }
 
+/// What bounds the preparation of images.
+#[derive(Clone)]
+struct Limits {
+    /// The largest image accepted, in bytes.
+    bytes: u64,
+    /// Decodes at once: they are CPU-bound, and their full-size images are
+    /// the largest buffers of the run.
+    decoders: Arc<Semaphore>,
+    /// Images decoded before the model's input size is known, waiting for it
+    /// at full size. Past this many, images wait for the size undecoded.
+    early: Arc<Semaphore>,
+}
+
 /// Fetches, decodes and resizes one image.
 async fn prepare(
     client: &reqwest::Client,
     timeout: Duration,
     source: &Source,
-    limit: u64,
+    limits: &Limits,
     mut size: watch::Receiver<Option<(u32, u32)>>,
-    decoders: &Semaphore,
     stats: &Mutex<Stats>,
 ) -> Result<Vec<u8>, String> {
     let t = Instant::now();
-    let bytes = fetch::fetch(client, timeout, source, limit)
+    let bytes = fetch::fetch(client, timeout, source, limits.bytes)
         .instrument(debug_span!("download", %source))
         .await
         .map_err(|e: FetchError| e.to_string())?;
@@ -254,48 +293,40 @@ async fn prepare(
         stats.downloads += t.elapsed();
         stats.downloaded_bytes += bytes.len() as u64;
     }
-    // Decoding is CPU-bound: no more at once than there are cores, which
-    // also bounds the memory of full-size images.
-    let _permit = decoders.acquire().await.map_err(|e| e.to_string())?;
     let span = debug_span!("decode", %source);
+    let lost = |_| "the model could not be loaded".to_string();
     let known = *size.borrow();
-    let (pixels, spent) = match known {
-        Some((width, height)) => blocking(move || {
-            let t = Instant::now();
-            let pixels = span.in_scope(|| preprocess::prepare(&bytes, width, height));
-            (pixels, t.elapsed())
-        })
-        .await
-        .map_err(|e| e.to_string())?,
-        None => {
+    let early = if known.is_none() { limits.early.clone().try_acquire_owned().ok() } else { None };
+    let (pixels, spent) = match early {
+        // The model is not there yet: decode now, resize when it is.
+        Some(_early) => {
+            let decoder = limits.decoders.acquire().await.map_err(|e| e.to_string())?;
             let decode_span = span.clone();
-            let (image, decoded) = blocking(move || {
-                let t = Instant::now();
-                (decode_span.in_scope(|| preprocess::decode(&bytes)), t.elapsed())
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            let (image, decoding) = blocking(move || decode_span.in_scope(|| preprocess::decode(&bytes))).await?;
+            drop(decoder);
             let image = image.map_err(|e| e.to_string())?;
-            let (width, height) = size
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| "the model could not be loaded".to_string())?
-                .expect("waited for Some");
-            let (pixels, resized) = blocking(move || {
-                let t = Instant::now();
-                (span.in_scope(|| preprocess::resize(image, width, height)), t.elapsed())
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            (pixels, decoded + resized)
+            let (width, height) = size.wait_for(Option::is_some).await.map_err(lost)?.expect("waited for Some");
+            let (pixels, resizing) =
+                blocking(move || span.in_scope(|| preprocess::resize(image, width, height))).await?;
+            (pixels, decoding + resizing)
+        }
+        None => {
+            let (width, height) = size.wait_for(Option::is_some).await.map_err(lost)?.expect("waited for Some");
+            let _decoder = limits.decoders.acquire().await.map_err(|e| e.to_string())?;
+            blocking(move || span.in_scope(|| preprocess::prepare(&bytes, width, height))).await?
         }
     };
     stats.lock().unwrap().decode += spent;
     pixels.map_err(|e| e.to_string())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.context("a decoding task failed")
+/// Runs `f` on the blocking pool, and times it.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<(T, Duration), String> {
+    let timed = move || {
+        let t = Instant::now();
+        (f(), t.elapsed())
+    };
+    tokio::task::spawn_blocking(timed).await.map_err(|e| format!("internal error in decoding: {e}"))
 }
 
 /// Classifies one batch and ranks each image's scores.

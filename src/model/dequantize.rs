@@ -38,6 +38,10 @@ pub enum DequantizeError {
 
 type Result<T> = std::result::Result<T, DequantizeError>;
 
+/// The most float32 weights a rebuilt model may hold, with room to spare
+/// under the 2 GiB limit of a flatbuffer.
+const MAX_FLOAT_BYTES: usize = 1536 << 20;
+
 fn malformed(msg: impl Into<String>) -> DequantizeError {
     DequantizeError::Malformed(msg.into())
 }
@@ -234,6 +238,15 @@ impl<'a> Graph<'a> {
                 e => e,
             })?;
         }
+        // Flatbuffers stop at 2 GiB; uint8 weights grow fourfold as float32.
+        let size: usize = out.tensors.iter().filter_map(|t| t.data.as_ref()).map(Vec::len).sum();
+        if size > MAX_FLOAT_BYTES {
+            return Err(unsupported(format!(
+                "{} MiB of weights as float32, over {} MiB",
+                size >> 20,
+                MAX_FLOAT_BYTES >> 20
+            )));
+        }
         out.inputs = self.inputs.iter().map(|i| map[i]).collect();
         out.outputs = self.outputs.iter().map(|o| map[o]).collect();
         Ok(out)
@@ -250,13 +263,12 @@ impl<'a> Graph<'a> {
             return Ok(NewTensor { name: t.name.clone(), shape: t.shape.clone(), ty, data: None });
         };
         let expect = |size: usize| -> Result<()> {
-            if data.len() != elements * size {
+            if Some(data.len()) != elements.checked_mul(size) {
                 Err(malformed(format!(
-                    "tensor {} holds {} bytes, its shape {:?} needs {}",
+                    "tensor {} holds {} bytes, which does not fit its shape {:?}",
                     t.name,
                     data.len(),
                     t.shape,
-                    elements * size
                 )))
             } else {
                 Ok(())
@@ -373,8 +385,9 @@ impl<'a> Graph<'a> {
                 let data = &out.tensors[inputs[0] as usize];
                 if data.shape.len() != 2 {
                     let rows = element_count(&data.shape).unwrap_or(0) / depth.max(1) as usize;
+                    let rows = i32::try_from(rows).map_err(|_| malformed("input too large"))?;
                     let name = format!("{}/flatten", data.name);
-                    let flat = out.push(NewTensor::activation(name, vec![rows as i32, depth]));
+                    let flat = out.push(NewTensor::activation(name, vec![rows, depth]));
                     out.reshape(inputs[0], flat, vec![-1, depth]);
                     inputs[0] = flat;
                 }
@@ -437,7 +450,10 @@ impl<'a> Graph<'a> {
                 out.op(op.code, vec![input(0)?], vec![output], Options::Softmax { beta });
             }
             BuiltinOperator::RESHAPE | BuiltinOperator::SQUEEZE => {
-                let from = &self.tensors[op.inputs[0].max(0) as usize];
+                let from = match op.inputs.first() {
+                    Some(&ix) if ix >= 0 => &self.tensors[ix as usize],
+                    _ => return Err(malformed("no input")),
+                };
                 let mut shape = out_tensor.shape.clone();
                 // Keep the batch axis free so that any batch size flows through.
                 if from.shape.first() == Some(&1) && shape.first() == Some(&1) && shape.len() > 1 {
@@ -483,6 +499,10 @@ impl<'a> Graph<'a> {
                 Some(ix) if ix >= 0 => inputs.push(map[&ix]),
                 _ if k == 2 => {
                     let weights = &self.tensors[op.inputs[1] as usize];
+                    // Constant weights bound the bias size by their own.
+                    if weights.data.is_none() {
+                        return Err(unsupported("weights that are not constant"));
+                    }
                     let channels = match op.code {
                         BuiltinOperator::DEPTHWISE_CONV_2D => weights.shape.last(),
                         _ => weights.shape.first(),
@@ -538,6 +558,9 @@ fn dequantize_values(name: &str, shape: &[i32], q: &Quant, values: impl Iterator
     }
     if q.axis >= shape.len() || shape[q.axis] as usize != channels {
         return Err(malformed(format!("tensor {name} has {channels} scales for axis {} of shape {shape:?}", q.axis)));
+    }
+    if q.zero_point.len() > 1 && q.zero_point.len() != channels {
+        return Err(malformed(format!("tensor {name} has {channels} scales but {} zero points", q.zero_point.len())));
     }
     let inner: usize = shape[q.axis + 1..].iter().map(|&d| d as usize).product();
     let zero_point = |c: usize| q.zero_point.get(c).or(q.zero_point.first()).copied().unwrap_or(0);
