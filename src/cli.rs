@@ -29,8 +29,21 @@ pub const DEFAULT_LABELS_URL: &str = "https://www.gstatic.com/aihub/tfhub/labelm
 #[command(version, max_term_width = 100)]
 pub struct Args {
     /// Images to classify: http(s) URLs or local file paths.
-    #[arg(value_name = "SOURCE", required = true)]
+    #[arg(value_name = "SOURCE", required_unless_present = "sources_file")]
     pub sources: Vec<String>,
+
+    /// Read more sources from a file, one a line (`-` for stdin); blank lines
+    /// and lines starting with `#` are skipped. They follow those given as
+    /// arguments.
+    #[arg(long, value_name = "PATH")]
+    pub sources_file: Option<std::path::PathBuf>,
+
+    /// Classify only shard I of N (counting from 0): the sources at positions
+    /// I, I+N, I+2N... of the list. N processes with shards 0/N to N-1/N
+    /// together classify every source exactly once. [default: from
+    /// CLASSIFIER_SHARD, else JOB_COMPLETION_INDEX / CLASSIFIER_SHARD_COUNT]
+    #[arg(long, value_name = "I/N", env = "CLASSIFIER_SHARD")]
+    pub shard: Option<Shard>,
 
     /// The TFLite classifier: a URL or a path, to a .tflite file or a .tar.gz
     /// holding one. [default: the AIY birds V1 model, from Kaggle, falling
@@ -80,6 +93,53 @@ pub struct Args {
     pub quiet: bool,
 }
 
+/// Part `index` of `count` of the source list, by position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// Whether the source at `position` of the list belongs to this shard.
+    pub fn contains(&self, position: usize) -> bool {
+        position % self.count == self.index
+    }
+
+    fn new(index: usize, count: usize) -> Result<Shard, String> {
+        if count == 0 || index >= count {
+            return Err(format!("shard {index}/{count}: expected I/N with 0 <= I < N"));
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// The shard of a Kubernetes Indexed Job's pod: its completion index,
+    /// out of CLASSIFIER_SHARD_COUNT. The index alone says nothing of the
+    /// count, so without both there is no sharding.
+    pub fn from_job_env() -> Result<Option<Shard>, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        match (var("JOB_COMPLETION_INDEX"), var("CLASSIFIER_SHARD_COUNT")) {
+            (Some(index), Some(count)) => {
+                let parse = |name: &str, v: &str| {
+                    v.trim().parse::<usize>().map_err(|_| format!("{name}={v:?} is not a number"))
+                };
+                Shard::new(parse("JOB_COMPLETION_INDEX", &index)?, parse("CLASSIFIER_SHARD_COUNT", &count)?).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let (index, count) = s.split_once('/').ok_or_else(|| format!("{s:?} is not of the form I/N"))?;
+        let parse = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("{s:?} is not of the form I/N"));
+        Shard::new(parse(index)?, parse(count)?)
+    }
+}
+
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
@@ -90,5 +150,42 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 impl Args {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.timeout)
+    }
+
+    /// The shard to classify: `--shard`, else the Indexed Job's.
+    pub fn shard(&self) -> Result<Option<Shard>, String> {
+        match self.shard {
+            Some(shard) => Ok(Some(shard)),
+            None => Shard::from_job_env(),
+        }
+    }
+}
+
+/// The sources listed in a file's text: one a line, blank lines and `#`
+/// comments skipped.
+pub fn parse_source_list(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_list() {
+        assert_eq!("1/3".parse::<Shard>(), Ok(Shard { index: 1, count: 3 }));
+        for bad in ["3/3", "0/0", "1", "a/2", "-1/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let shards: Vec<Shard> = (0..3).map(|i| Shard { index: i, count: 3 }).collect();
+        for position in 0..100 {
+            assert_eq!(shards.iter().filter(|s| s.contains(position)).count(), 1);
+        }
+    }
+
+    #[test]
+    fn source_lists_skip_blanks_and_comments() {
+        let list = parse_source_list("# birds\nhttps://h/a.jpg\n\n  b.png  \r\n#c.jpg\n");
+        assert_eq!(list, ["https://h/a.jpg", "b.png"]);
     }
 }

@@ -67,6 +67,11 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
         Some(model) => (vec![Source::parse(model).context("--model")?], None),
     };
     let labels_source = Source::parse(&args.labels).context("--labels")?;
+    let inputs = source_list(args)?;
+    if inputs.is_empty() {
+        info!("this shard has no sources");
+        return Ok(Summary { classified: 0, failed: 0 });
+    }
     let client = fetch::client(timeout).context("cannot set up the HTTP client")?;
     let stats = Arc::new(Mutex::new(Stats::default()));
 
@@ -75,8 +80,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     let mut unique: Vec<Source> = vec![];
     let mut index: HashMap<Source, usize> = HashMap::new();
     let mut outcomes: Vec<Option<Outcome>> = vec![];
-    let occurrences: Vec<usize> = args
-        .sources
+    let occurrences: Vec<usize> = inputs
         .iter()
         .map(|input| match Source::parse(input) {
             Ok(source) => *index.entry(source.clone()).or_insert_with(|| {
@@ -183,7 +187,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
 
     let progress = crate::progress::bar(occurrences.len(), 10, args.quiet);
     let mut printer = Printer { occurrences: &occurrences, next: 0, out, progress: &progress };
-    printer.flush(&args.sources, &outcomes, args.format)?;
+    printer.flush(&inputs, &outcomes, args.format)?;
 
     let mut pending: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
     let mut running = FuturesUnordered::new();
@@ -206,7 +210,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
             let job = tokio::task::spawn_blocking(move || classify(&model, &labels, batch, top_k, &stats));
             running.push(async move { (slots, job.await) });
         }
-        printer.flush(&args.sources, &outcomes, args.format)?;
+        printer.flush(&inputs, &outcomes, args.format)?;
         if !input_open && pending.is_empty() && running.is_empty() {
             break;
         }
@@ -237,13 +241,36 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
         *outcome = Some(Err("internal error: no result".into()));
     }
-    printer.flush(&args.sources, &outcomes, args.format)?;
+    printer.flush(&inputs, &outcomes, args.format)?;
     progress.finish_and_clear();
 
     let failed = occurrences.iter().filter(|&&slot| !matches!(outcomes[slot], Some(Ok(_)))).count();
     let summary = Summary { classified: occurrences.len() - failed, failed };
     report(&summary, &stats.lock().unwrap(), started.elapsed());
     Ok(summary)
+}
+
+/// The sources to classify: the arguments, then `--sources-file`, narrowed
+/// to `--shard`.
+fn source_list(args: &Args) -> anyhow::Result<Vec<String>> {
+    let mut inputs = args.sources.clone();
+    if let Some(path) = &args.sources_file {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("cannot read sources from stdin")?
+        } else {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read --sources-file {}", path.display()))?
+        };
+        inputs.extend(cli::parse_source_list(&text));
+    }
+    if inputs.is_empty() {
+        bail!("no sources to classify");
+    }
+    let Some(shard) = args.shard().map_err(anyhow::Error::msg)? else { return Ok(inputs) };
+    let total = inputs.len();
+    let mine: Vec<String> =
+        inputs.into_iter().enumerate().filter(|(position, _)| shard.contains(*position)).map(|(_, s)| s).collect();
+    info!("shard {}/{}: {} of {total} sources", shard.index, shard.count, mine.len());
+    Ok(mine)
 }
 
 async fn flatten<T>(task: tokio::task::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {

@@ -330,3 +330,68 @@ fn noise(width: u32, height: u32) -> RgbImage {
         Rgb([a, b, c])
     })
 }
+
+#[tokio::test]
+async fn shards_together_print_exactly_the_unsharded_results() {
+    let server = server().await;
+    let colours = [RED, GREEN, BLUE, GREEN, RED, BLUE, BLUE];
+    let mut urls = vec![];
+    for (i, colour) in colours.iter().enumerate() {
+        serve(&server, &format!("/{i}.png"), png(*colour)).await;
+        urls.push(format!("{}/{i}.png", server.uri()));
+    }
+    urls.push(format!("{}/missing.png", server.uri()));
+    urls.push(urls[0].clone());
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (_, whole, _) = classify(&server, &args).await;
+    assert_eq!(whole.len(), urls.len());
+
+    let mut pieces = vec![];
+    for i in 0..3 {
+        let shard = format!("{i}/3");
+        let mut sharded = vec!["--shard", &shard];
+        sharded.extend(&args);
+        let (code, records, stderr) = classify(&server, &sharded).await;
+        // Only shard 1 holds the missing image, at position 7.
+        assert_eq!(code, if i == 1 { 1 } else { 0 }, "{stderr}");
+        assert_eq!(records.len(), 3);
+        pieces.extend(records);
+    }
+    let key = |r: &Value| r.to_string();
+    let mut whole: Vec<String> = whole.iter().map(key).collect();
+    let mut pieces: Vec<String> = pieces.iter().map(key).collect();
+    whole.sort();
+    pieces.sort();
+    assert_eq!(pieces, whole);
+}
+
+#[tokio::test]
+async fn sources_from_a_file_or_stdin() {
+    let server = server().await;
+    serve(&server, "/red.png", png(RED)).await;
+    serve(&server, "/blue.png", png(BLUE)).await;
+    let list = format!("# colours\n{0}/red.png\n\n{0}/blue.png\n", server.uri());
+    let out = tokio::task::spawn_blocking({
+        let uri = server.uri();
+        move || {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
+                .args(["--model", &format!("{uri}/model.tflite"), "--labels", &format!("{uri}/labels.csv")])
+                .args(["--format", "json", "--sources-file", "-", fixture("cmyk_red.jpg").to_str().unwrap()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), list.as_bytes()).unwrap();
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let labels: Vec<&str> = records.iter().map(|r| top1(r).0).collect();
+    // Arguments first, then the file's sources in order.
+    assert_eq!(labels, ["red", "red", "blue"]);
+}
