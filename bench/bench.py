@@ -82,6 +82,28 @@ def run_measured(cmd):
     return wall, usage.ru_maxrss / 1024, out_chunks[0].decode(), err_chunks[0].decode(), proc.returncode
 
 
+def run_shards(cmd, shards):
+    """Runs the shards at once; returns (wall of the slowest, largest peak RSS, stderr of shard 0)."""
+    cpus = os.cpu_count()
+    start = time.monotonic()
+    results = [None] * shards
+
+    def one(i):
+        pinned = ["taskset", "-c", str(i % cpus), *cmd, "--shard", f"{i}/{shards}", "--threads", "1"]
+        results[i] = run_measured(pinned)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(shards)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - start
+    for i, (_, _, _, err, code) in enumerate(results):
+        if code != 0:
+            sys.exit(f"shard {i} exited {code}:\n{err}")
+    return wall, max(r[1] for r in results), results[0][3]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=["task5", "corpus"], default="task5")
@@ -89,6 +111,9 @@ def main():
     p.add_argument("--delay-ms", type=float, default=50)
     p.add_argument("--rate-mbps", type=float, default=20)
     p.add_argument("--binary", default=str(ROOT / "target" / "release" / "classifier"))
+    p.add_argument("--shards", type=int, default=0,
+                   help="scale-out: run N processes at once, process i with --shard i/N --threads 1, "
+                        "pinned to CPU i mod (number of CPUs); compare with --shards 1")
     args = p.parse_args()
     if not FIXTURES.is_dir():
         sys.exit(f"{FIXTURES} is absent")
@@ -102,13 +127,18 @@ def main():
            "--format", "json", *images]
     walls, rss = [], []
     for i in range(args.runs):
-        wall, peak, out, err, code = run_measured(cmd)
-        if code != 0:
-            sys.exit(f"run {i} exited {code}:\n{err}")
+        if args.shards:
+            wall, peak, err = run_shards(cmd, args.shards)
+        else:
+            wall, peak, out, err, code = run_measured(cmd)
+            if code != 0:
+                sys.exit(f"run {i} exited {code}:\n{err}")
         walls.append(wall)
         rss.append(peak)
         last_err = err
     n = len(images)
+    if args.shards:
+        print(f"{args.shards} shard process(es), one CPU and one inference thread each")
     print(f"scenario {args.scenario}: {n} images, {args.runs} runs, delay {args.delay_ms} ms, "
           f"rate {args.rate_mbps} MB/s per connection")
     print(f"wall median {statistics.median(walls):.3f} s (min {min(walls):.3f}, max {max(walls):.3f}); "

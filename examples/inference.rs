@@ -1,0 +1,62 @@
+//! Times model preparation and inference alone, without downloads or
+//! decoding: `cargo run --release --example inference -- MODEL IMAGE...`
+//!
+//! Prints the preparation time, then the median time per image when one
+//! thread classifies the images one by one, and when every CPU does so at
+//! once on the shared plan.
+
+use std::time::{Duration, Instant};
+
+use classifier::model::Model;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(args.len() >= 2, "usage: inference MODEL IMAGE...");
+    let bytes = std::fs::read(&args[0])?;
+    let mut prepare = vec![];
+    for _ in 0..5 {
+        let t = Instant::now();
+        Model::from_bytes(&bytes)?;
+        prepare.push(t.elapsed());
+    }
+    let model = Model::from_bytes(&bytes)?;
+    println!("prepare (bytes to runnable plan): median {:?} of 5", median(prepare));
+    let input = model.input();
+    let images: Vec<Vec<u8>> = args[1..]
+        .iter()
+        .map(|p| Ok(classifier::preprocess::prepare(&std::fs::read(p)?, input.width, input.height)?))
+        .collect::<anyhow::Result<_>>()?;
+    let rounds = 5;
+    let per_image = |model: &Model| -> anyhow::Result<Vec<Duration>> {
+        let mut times = vec![];
+        for _ in 0..rounds {
+            for image in &images {
+                let t = Instant::now();
+                model.classify(&[image])?;
+                times.push(t.elapsed());
+            }
+        }
+        Ok(times)
+    };
+    println!("1 thread: median {:?} per image", median(per_image(&model)?));
+    let threads = std::thread::available_parallelism()?.get();
+    let t = Instant::now();
+    let all = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| per_image(&model))).collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let wall = t.elapsed();
+    let count = threads * rounds * images.len();
+    println!(
+        "{threads} threads at once: median {:?} per image per thread, {:.1} images/s together ({:.1} ms per image)",
+        median(all.concat()),
+        count as f64 / wall.as_secs_f64(),
+        wall.as_secs_f64() * 1e3 / count as f64
+    );
+    Ok(())
+}
