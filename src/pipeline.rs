@@ -186,8 +186,8 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     let labels = Arc::new(labels);
 
     let progress = crate::progress::bar(occurrences.len(), 10, args.quiet);
-    let mut printer = Printer { occurrences: &occurrences, next: 0, out, progress: &progress };
-    printer.flush(&inputs, &outcomes, args.format)?;
+    let mut printer = Printer::new(&occurrences, outcomes.len(), out, &progress);
+    printer.flush(&inputs, &mut outcomes, args.format)?;
 
     let mut pending: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
     let mut running = FuturesUnordered::new();
@@ -210,7 +210,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
             let job = tokio::task::spawn_blocking(move || classify(&model, &labels, batch, top_k, &stats));
             running.push(async move { (slots, job.await) });
         }
-        printer.flush(&inputs, &outcomes, args.format)?;
+        printer.flush(&inputs, &mut outcomes, args.format)?;
         if !input_open && pending.is_empty() && running.is_empty() {
             break;
         }
@@ -236,15 +236,17 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
             }
         }
     }
-    // Every source has an outcome by now; should one not, it must not pass
-    // for a success.
-    for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
-        *outcome = Some(Err("internal error: no result".into()));
+    // Every source not yet printed has an outcome by now; should one not, it
+    // must not pass for a success.
+    for (slot, outcome) in outcomes.iter_mut().enumerate() {
+        if outcome.is_none() && printer.remaining[slot] > 0 {
+            *outcome = Some(Err("internal error: no result".into()));
+        }
     }
-    printer.flush(&inputs, &outcomes, args.format)?;
+    printer.flush(&inputs, &mut outcomes, args.format)?;
     progress.finish_and_clear();
 
-    let failed = occurrences.iter().filter(|&&slot| !matches!(outcomes[slot], Some(Ok(_)))).count();
+    let failed = printer.failed;
     let summary = Summary { classified: occurrences.len() - failed, failed };
     report(&summary, &stats.lock().unwrap(), started.elapsed());
     Ok(summary)
@@ -398,18 +400,37 @@ fn classify(
 }
 
 /// Prints records in the order the sources were given, as they complete.
+///
+/// An outcome is dropped once its last occurrence is printed, so that what is
+/// kept does not grow with the length of the list.
 struct Printer<'a> {
     occurrences: &'a [usize],
+    /// Occurrences of each slot not yet printed.
+    remaining: Vec<u32>,
     next: usize,
+    failed: usize,
     out: &'a mut (dyn Write + Send),
     progress: &'a indicatif::ProgressBar,
 }
 
-impl Printer<'_> {
+impl<'a> Printer<'a> {
+    fn new(
+        occurrences: &'a [usize],
+        slots: usize,
+        out: &'a mut (dyn Write + Send),
+        progress: &'a indicatif::ProgressBar,
+    ) -> Self {
+        let mut remaining = vec![0; slots];
+        for &slot in occurrences {
+            remaining[slot] += 1;
+        }
+        Printer { occurrences, remaining, next: 0, failed: 0, out, progress }
+    }
+
     fn flush(
         &mut self,
         inputs: &[String],
-        outcomes: &[Option<Outcome>],
+        outcomes: &mut [Option<Outcome>],
         format: render::Format,
     ) -> std::io::Result<()> {
         let start = self.next;
@@ -417,6 +438,11 @@ impl Printer<'_> {
             let Some(outcome) = &outcomes[slot] else { break };
             let record = render::render(format, &inputs[self.next], outcome);
             self.progress.suspend(|| self.out.write_all(record.as_bytes()))?;
+            self.failed += outcome.is_err() as usize;
+            self.remaining[slot] -= 1;
+            if self.remaining[slot] == 0 {
+                outcomes[slot] = None;
+            }
             self.next += 1;
         }
         if self.next > start {
