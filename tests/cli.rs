@@ -61,16 +61,21 @@ async fn run(args: Vec<String>) -> Output {
     .unwrap()
 }
 
-/// Runs against `server`'s mock model with `--format json` and `extra` args.
-async fn classify(server: &MockServer, extra: &[&str]) -> (i32, Vec<Value>, String) {
+/// The arguments that point the binary at `server`'s mock model and labels.
+fn mock_args(server: &MockServer, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "--model".to_string(),
         format!("{}/model.tflite", server.uri()),
         "--labels".to_string(),
         format!("{}/labels.csv", server.uri()),
-        "--format".to_string(),
-        "json".to_string(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Runs against `server`'s mock model with `--format json` and `extra` args.
+async fn classify(server: &MockServer, extra: &[&str]) -> (i32, Vec<Value>, String) {
+    let mut args = mock_args(server, &["--format", "json"]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = run(args).await;
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -116,17 +121,8 @@ async fn classifies_each_image_in_the_order_given() {
 async fn text_output_and_top_k() {
     let server = server().await;
     serve(&server, "/red.png", png(RED)).await;
-    let out = run(vec![
-        "--model".into(),
-        format!("{}/model.tflite", server.uri()),
-        "--labels".into(),
-        format!("{}/labels.csv", server.uri()),
-        "--top-k".into(),
-        "2".into(),
-        "-q".into(),
-        format!("{}/red.png", server.uri()),
-    ])
-    .await;
+    let red = format!("{}/red.png", server.uri());
+    let out = run(mock_args(&server, &["--top-k", "2", "-q", &red])).await;
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();

@@ -14,8 +14,6 @@
 //! - QUANTIZE and DEQUANTIZE are identities on real values, so they disappear.
 //! - tract's FULLY_CONNECTED wants a rank-2 input, and its SQUEEZE removes
 //!   several axes with stale indices: both become explicit RESHAPEs.
-//! - every RESHAPE leaves its leading batch dimension free (-1), so that the
-//!   network can run on batches of any size.
 //!
 //! The input bytes are untrusted: the flatbuffer is verified first, and every
 //! index, shape and buffer length is checked before use.
@@ -450,16 +448,9 @@ impl<'a> Graph<'a> {
                 out.op(op.code, vec![input(0)?], vec![output], Options::Softmax { beta });
             }
             BuiltinOperator::RESHAPE | BuiltinOperator::SQUEEZE => {
-                let from = match op.inputs.first() {
-                    Some(&ix) if ix >= 0 => &self.tensors[ix as usize],
-                    _ => return Err(malformed("no input")),
-                };
-                let mut shape = out_tensor.shape.clone();
-                // Keep the batch axis free so that any batch size flows through.
-                if from.shape.first() == Some(&1) && shape.first() == Some(&1) && shape.len() > 1 {
-                    shape[0] = -1;
-                }
-                out.reshape(input(0)?, output, shape);
+                // The output's own shape says where the axes go; the plan is
+                // built for one image, so no axis needs to stay free.
+                out.reshape(input(0)?, output, out_tensor.shape.clone());
             }
             BuiltinOperator::MEAN | BuiltinOperator::SUM | BuiltinOperator::REDUCE_MAX => {
                 let keep_dims = f.builtin_options_as_reducer_options().map(|o| o.keep_dims()).unwrap_or(false);
