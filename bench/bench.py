@@ -38,24 +38,41 @@ def make_handler(delay, rate):
             pass
 
         def do_GET(self):
-            path = self.translate_path(self.path.split("?")[0])
+            path = Path(self.translate_path(self.path.split("?")[0]))
             try:
-                body = Path(path).read_bytes()
+                body = path.read_bytes()
+                stat = path.stat()
             except OSError:
                 self.send_error(404)
                 return
+            etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+            status, first, last = 200, 0, len(body) - 1
+            # Byte ranges as static hosts serve them: one range, honoured
+            # unless If-Range names another version.
+            ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if ranged and self.headers.get("If-Range", etag) == etag and int(ranged[1]) < len(body):
+                status, first = 206, int(ranged[1])
+                last = min(int(ranged[2]), last) if ranged[2] else last
+            body = body[first:last + 1]
             time.sleep(delay)
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", etag)
+            self.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{stat.st_size}")
             self.end_headers()
             chunk = 64 * 1024
             start = time.monotonic()
-            for off in range(0, len(body), chunk):
-                self.wfile.write(body[off:off + chunk])
-                if rate:
-                    ahead = (off + chunk) / rate - (time.monotonic() - start)
-                    if ahead > 0:
-                        time.sleep(ahead)
+            try:
+                for off in range(0, len(body), chunk):
+                    self.wfile.write(body[off:off + chunk])
+                    if rate:
+                        ahead = (off + chunk) / rate - (time.monotonic() - start)
+                        if ahead > 0:
+                            time.sleep(ahead)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client had what it wanted
 
     return Handler
 

@@ -32,6 +32,8 @@ use crate::source::Source;
 /// The most a model or a label map may weigh.
 const MAX_MODEL_BYTES: u64 = 1 << 30;
 const MAX_LABELS_BYTES: u64 = 64 << 20;
+/// Connections a model is fetched over, in byte ranges (see BENCHMARKS.md).
+const MODEL_CONNECTIONS: usize = 4;
 
 /// How a run ended, when it could run at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +105,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
         let (client, stats) = (client.clone(), stats.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let bytes = fetch::fetch_first(&client, timeout, &model_sources, MAX_MODEL_BYTES)
+            let bytes = fetch::fetch_first(&client, timeout, &model_sources, MAX_MODEL_BYTES, MODEL_CONNECTIONS)
                 .instrument(info_span!("model_download"))
                 .await?;
             stats.lock().unwrap().model_download = t.elapsed();
