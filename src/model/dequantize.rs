@@ -18,6 +18,7 @@
 //! The input bytes are untrusted: the flatbuffer is verified first, and every
 //! index, shape and buffer length is checked before use.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
@@ -65,10 +66,18 @@ impl Normalization {
 /// A float32 rebuild of a model, ready for tract.
 #[derive(Debug)]
 pub struct FloatModel {
-    /// The TFLite flatbuffer.
-    pub tflite: Vec<u8>,
+    /// The flatbuffer, written back to front: it starts at `head`.
+    buffer: Vec<u8>,
+    head: usize,
     /// The pixel normalisation equivalent to the original input's quantization.
     pub normalization: Normalization,
+}
+
+impl FloatModel {
+    /// The TFLite flatbuffer.
+    pub fn tflite(&self) -> &[u8] {
+        &self.buffer[self.head..]
+    }
 }
 
 /// Rebuilds `bytes`, a TFLite model of any quantization, as a float32 model.
@@ -79,8 +88,8 @@ pub fn dequantize(bytes: &[u8]) -> Result<FloatModel> {
     let model = tflite::root_as_model(bytes).map_err(|e| malformed(e.to_string()))?;
     let graph = Graph::read(&model)?;
     let normalization = graph.input_normalization()?;
-    let rebuilt = graph.rebuild()?;
-    Ok(FloatModel { tflite: rebuilt.serialize(), normalization })
+    let (buffer, head) = graph.rebuild()?.serialize();
+    Ok(FloatModel { buffer, head, normalization })
 }
 
 /// Quantization of one tensor, per tensor or per axis.
@@ -99,12 +108,12 @@ impl Quant {
 
 /// A tensor of the original model, read and checked.
 #[derive(Debug, Clone)]
-struct SourceTensor {
+struct SourceTensor<'a> {
     name: String,
     shape: Vec<i32>,
     ty: TensorType,
     quant: Option<Quant>,
-    data: Option<Vec<u8>>,
+    data: Option<&'a [u8]>,
 }
 
 /// An operator of the original model, with the options this rebuild needs.
@@ -116,7 +125,7 @@ struct SourceOp<'a> {
 }
 
 struct Graph<'a> {
-    tensors: Vec<SourceTensor>,
+    tensors: Vec<SourceTensor<'a>>,
     ops: Vec<SourceOp<'a>>,
     inputs: Vec<i32>,
     outputs: Vec<i32>,
@@ -155,7 +164,7 @@ impl<'a> Graph<'a> {
                     if b >= buffers.len() {
                         return Err(malformed(format!("tensor {ix} ({name}) names buffer {b} of {}", buffers.len())));
                     }
-                    buffers.get(b).data().map(|d| d.bytes().to_vec()).filter(|d| !d.is_empty())
+                    buffers.get(b).data().map(|d| d.bytes()).filter(|d| !d.is_empty())
                 }
             };
             tensors.push(SourceTensor { name, shape, ty: t.type_(), quant, data });
@@ -222,7 +231,7 @@ impl<'a> Graph<'a> {
         }
     }
 
-    fn rebuild(&self) -> Result<Rebuilt> {
+    fn rebuild(&self) -> Result<Rebuilt<'a>> {
         let mut out = Rebuilt::default();
         // Original tensor index -> rebuilt tensor index.
         let mut map: HashMap<i32, i32> = HashMap::new();
@@ -237,7 +246,7 @@ impl<'a> Graph<'a> {
             })?;
         }
         // Flatbuffers stop at 2 GiB; uint8 weights grow fourfold as float32.
-        let size: usize = out.tensors.iter().filter_map(|t| t.data.as_ref()).map(Vec::len).sum();
+        let size: usize = out.tensors.iter().filter_map(|t| t.data.as_ref()).map(|d| d.len()).sum();
         if size > MAX_FLOAT_BYTES {
             return Err(unsupported(format!(
                 "{} MiB of weights as float32, over {} MiB",
@@ -250,10 +259,10 @@ impl<'a> Graph<'a> {
         Ok(out)
     }
 
-    fn rebuild_tensor(&self, t: &SourceTensor) -> Result<NewTensor> {
+    fn rebuild_tensor(&self, t: &SourceTensor<'a>) -> Result<NewTensor<'a>> {
         let elements = element_count(&t.shape)
             .ok_or_else(|| malformed(format!("tensor {} is too large: {:?}", t.name, t.shape)))?;
-        let Some(data) = &t.data else {
+        let Some(data) = t.data else {
             let ty = match t.ty {
                 TensorType::INT32 | TensorType::INT64 | TensorType::BOOL if t.quant.is_none() => t.ty,
                 _ => TensorType::FLOAT32,
@@ -272,14 +281,14 @@ impl<'a> Graph<'a> {
                 Ok(())
             }
         };
-        let floats: Vec<f32> = match (&t.quant, t.ty) {
+        let floats: Vec<u8> = match (&t.quant, t.ty) {
             (_, TensorType::FLOAT32) => {
                 expect(4)?;
                 return Ok(NewTensor {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
                     ty: t.ty,
-                    data: Some(data.clone()),
+                    data: Some(Cow::Borrowed(data)),
                 });
             }
             (None, TensorType::INT32 | TensorType::INT64 | TensorType::BOOL) => {
@@ -294,7 +303,7 @@ impl<'a> Graph<'a> {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
                     ty: t.ty,
-                    data: Some(data.clone()),
+                    data: Some(Cow::Borrowed(data)),
                 });
             }
             (Some(q), TensorType::UINT8) => {
@@ -323,11 +332,15 @@ impl<'a> Graph<'a> {
                 )));
             }
         };
-        let data = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
-        Ok(NewTensor { name: t.name.clone(), shape: t.shape.clone(), ty: TensorType::FLOAT32, data: Some(data) })
+        Ok(NewTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ty: TensorType::FLOAT32,
+            data: Some(floats.into()),
+        })
     }
 
-    fn rebuild_op(&self, out: &mut Rebuilt, map: &mut HashMap<i32, i32>, op: &SourceOp) -> Result<()> {
+    fn rebuild_op(&self, out: &mut Rebuilt<'a>, map: &mut HashMap<i32, i32>, op: &SourceOp) -> Result<()> {
         let input = |k: usize| -> Result<i32> {
             let ix = *op.inputs.get(k).ok_or_else(|| malformed(format!("missing input {k}")))?;
             if ix < 0 {
@@ -479,7 +492,7 @@ impl<'a> Graph<'a> {
     /// model omits it (tract wants one).
     fn inputs_with_bias(
         &self,
-        out: &mut Rebuilt,
+        out: &mut Rebuilt<'a>,
         op: &SourceOp,
         map: &HashMap<i32, i32>,
         n: usize,
@@ -504,7 +517,7 @@ impl<'a> Graph<'a> {
                         name: format!("{}/zero_bias", weights.name),
                         shape: vec![channels],
                         ty: TensorType::FLOAT32,
-                        data: Some(zeros),
+                        data: Some(zeros.into()),
                     }));
                 }
                 _ => return Err(malformed(format!("missing input {k}"))),
@@ -518,7 +531,7 @@ impl<'a> Graph<'a> {
 /// output's quantization range implies. A uint8 output whose zero point is 0
 /// cannot hold a negative value, so the quantized runtime clamps it at zero;
 /// if its top is six, it clamps there too.
-fn implied_activation(fused: ActivationFunctionType, output: &SourceTensor) -> ActivationFunctionType {
+fn implied_activation(fused: ActivationFunctionType, output: &SourceTensor<'_>) -> ActivationFunctionType {
     if fused != ActivationFunctionType::NONE {
         return fused;
     }
@@ -541,11 +554,22 @@ fn element_count(shape: &[i32]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
-fn dequantize_values(name: &str, shape: &[i32], q: &Quant, values: impl Iterator<Item = i64>) -> Result<Vec<f32>> {
+/// `values` dequantized, as little-endian float32 bytes.
+fn dequantize_values(
+    name: &str,
+    shape: &[i32],
+    q: &Quant,
+    values: impl ExactSizeIterator<Item = i64>,
+) -> Result<Vec<u8>> {
     let channels = q.scale.len();
+    let mut out = vec![0u8; values.len() * 4];
+    let dequantize = |v: i64, zero_point: i64, scale: f32| (v as f64 - zero_point as f64) as f32 * scale;
     if channels == 1 {
-        let zp = q.zero_point.first().copied().unwrap_or(0);
-        return Ok(values.map(|v| (v as f64 - zp as f64) as f32 * q.scale[0]).collect());
+        let (scale, zero_point) = (q.scale[0], q.zero_point.first().copied().unwrap_or(0));
+        for (bytes, v) in out.chunks_exact_mut(4).zip(values) {
+            bytes.copy_from_slice(&dequantize(v, zero_point, scale).to_le_bytes());
+        }
+        return Ok(out);
     }
     if q.axis >= shape.len() || shape[q.axis] as usize != channels {
         return Err(malformed(format!("tensor {name} has {channels} scales for axis {} of shape {shape:?}", q.axis)));
@@ -555,26 +579,30 @@ fn dequantize_values(name: &str, shape: &[i32], q: &Quant, values: impl Iterator
     }
     let inner: usize = shape[q.axis + 1..].iter().map(|&d| d as usize).product();
     let zero_point = |c: usize| q.zero_point.get(c).or(q.zero_point.first()).copied().unwrap_or(0);
-    Ok(values
-        .enumerate()
-        .map(|(i, v)| {
-            let c = (i / inner.max(1)) % channels;
-            (v as f64 - zero_point(c) as f64) as f32 * q.scale[c]
-        })
-        .collect())
+    let mut values = values;
+    // Values run through the channels in blocks of `inner`.
+    for (block, bytes) in out.chunks_mut(inner.max(1) * 4).enumerate() {
+        let c = block % channels;
+        let (scale, zero_point) = (q.scale[c], zero_point(c));
+        for (bytes, v) in bytes.chunks_exact_mut(4).zip(&mut values) {
+            bytes.copy_from_slice(&dequantize(v, zero_point, scale).to_le_bytes());
+        }
+    }
+    Ok(out)
 }
 
 /// A tensor of the rebuilt model.
 #[derive(Debug, Clone)]
-struct NewTensor {
+struct NewTensor<'a> {
     name: String,
     shape: Vec<i32>,
     ty: TensorType,
-    data: Option<Vec<u8>>,
+    /// Little-endian values, borrowed from the original when they pass as is.
+    data: Option<Cow<'a, [u8]>>,
 }
 
-impl NewTensor {
-    fn activation(name: String, shape: Vec<i32>) -> NewTensor {
+impl NewTensor<'_> {
+    fn activation(name: String, shape: Vec<i32>) -> Self {
         NewTensor { name, shape, ty: TensorType::FLOAT32, data: None }
     }
 }
@@ -636,15 +664,15 @@ struct NewOp {
 }
 
 #[derive(Default)]
-struct Rebuilt {
-    tensors: Vec<NewTensor>,
+struct Rebuilt<'a> {
+    tensors: Vec<NewTensor<'a>>,
     ops: Vec<NewOp>,
     inputs: Vec<i32>,
     outputs: Vec<i32>,
 }
 
-impl Rebuilt {
-    fn push(&mut self, t: NewTensor) -> i32 {
+impl<'a> Rebuilt<'a> {
+    fn push(&mut self, t: NewTensor<'a>) -> i32 {
         self.tensors.push(t);
         self.tensors.len() as i32 - 1
     }
@@ -657,14 +685,21 @@ impl Rebuilt {
     /// options and as a constant second input, as converters write it.
     fn reshape(&mut self, from: i32, to: i32, shape: Vec<i32>) {
         let name = format!("{}/shape", self.tensors[to as usize].name);
-        let data = shape.iter().flat_map(|d| d.to_le_bytes()).collect();
-        let shape_tensor =
-            self.push(NewTensor { name, shape: vec![shape.len() as i32], ty: TensorType::INT32, data: Some(data) });
+        let data: Vec<u8> = shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+        let shape_tensor = self.push(NewTensor {
+            name,
+            shape: vec![shape.len() as i32],
+            ty: TensorType::INT32,
+            data: Some(data.into()),
+        });
         self.op(BuiltinOperator::RESHAPE, vec![from, shape_tensor], vec![to], Options::Reshape { shape });
     }
 
-    fn serialize(&self) -> Vec<u8> {
-        let mut fb = FlatBufferBuilder::with_capacity(1 << 20);
+    /// The model as a flatbuffer, and where in the buffer it starts.
+    fn serialize(&self) -> (Vec<u8>, usize) {
+        // Sized for the weights up front: growing copies the whole buffer.
+        let weights: usize = self.tensors.iter().filter_map(|t| t.data.as_ref()).map(|d| d.len() + 16).sum();
+        let mut fb = FlatBufferBuilder::with_capacity(weights + (1 << 20));
         let mut codes: Vec<BuiltinOperator> = vec![];
         let mut code_index = |code: BuiltinOperator| -> u32 {
             match codes.iter().position(|c| *c == code) {
@@ -760,7 +795,7 @@ impl Rebuilt {
             },
         );
         tflite::finish_model_buffer(&mut fb, model);
-        fb.finished_data().to_vec()
+        fb.collapse()
     }
 }
 
@@ -873,13 +908,13 @@ mod tests {
     fn rebuild_is_float_with_explicit_activations() {
         let float = dequantize(&mock()).unwrap();
         assert_eq!(float.normalization, Normalization { scale: 1.0 / 255.0, offset: 0.0 });
-        let model = tflite::root_as_model(&float.tflite).unwrap();
+        let model = tflite::root_as_model(float.tflite()).unwrap();
         let graph = model.subgraphs().unwrap().get(0);
         for t in graph.tensors().unwrap() {
             assert!(t.quantization().is_none(), "{:?} keeps its quantization", t.name());
             assert!(matches!(t.type_(), TensorType::FLOAT32 | TensorType::INT32), "{:?}", t.name());
         }
-        let ops = rebuilt_ops(&float.tflite);
+        let ops = rebuilt_ops(float.tflite());
         use ActivationFunctionType as A;
         use BuiltinOperator as B;
         assert_eq!(
@@ -900,7 +935,8 @@ mod tests {
     fn per_axis_scales_are_honoured() {
         let q = Quant { scale: vec![0.5, 2.0], zero_point: vec![0, 1], axis: 0 };
         let values = dequantize_values("w", &[2, 3], &q, [2, 4, 6, 1, 2, 3].into_iter()).unwrap();
-        assert_eq!(values, [1.0, 2.0, 3.0, 0.0, 2.0, 4.0]);
+        let floats: Vec<f32> = values.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert_eq!(floats, [1.0, 2.0, 3.0, 0.0, 2.0, 4.0]);
         let bad = dequantize_values("w", &[3, 2], &q, [0; 6].into_iter());
         assert!(matches!(bad, Err(DequantizeError::Malformed(_))));
     }
