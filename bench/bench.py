@@ -1,17 +1,28 @@
 #!/usr/bin/env python3
-"""End-to-end benchmark of the classifier against a loopback server.
+"""End-to-end benchmark of the classifier and its Python peers, against a loopback server.
 
 Serves ../shared/fixtures over HTTP on 127.0.0.1 like a distant host: each
 response waits --delay-ms before its first byte, then streams at --rate-mbps
-megabytes per second per connection (0 = unthrottled). Runs the release
-binary --runs times, cold (model, labels and images downloaded each time),
-and prints the median wall time, peak RSS and the tool's own stage summary.
+megabytes per second per connection (0 = unthrottled); byte ranges are
+honoured as static hosts do. Each run is cold: model, labels and images are
+downloaded every time. Per run, in turn: the floor's model download, the
+classifier, and each peer, so that all share the machine's noise alike.
+
+Scenarios: task5 (the five task images), corpus (200 photos), scale (the
+corpus under 10 distinct query strings: 2000 URLs).
+
+Prints, per contender: median wall time (min, max), images per second, median
+peak RSS, and the ratio to the floor: the model downloaded alone over one
+connection, plus one batch of inference (the classifier's own stage time on a
+local image). Then the classifier's stage summary of its last run.
 
     cargo build --release
     python3 bench/bench.py --scenario task5 --runs 7
 """
 import argparse
+import http.client
 import http.server
+import json
 import os
 import re
 import statistics
@@ -19,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,10 +96,13 @@ def serve(delay, rate):
     return server
 
 
-def run_measured(cmd):
-    """Runs cmd, returning (wall seconds, peak RSS in MB, stdout, stderr, exit code)."""
+def run_measured(cmd, stdin=None):
+    """Runs cmd with stdin, returning (wall seconds, peak RSS in MB, stdout, stderr, exit code)."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if stdin:
+        threading.Thread(target=lambda: (proc.stdin.write(stdin.encode()), proc.stdin.close())).start()
     out_chunks, err_chunks = [], []
     t_out = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()))
     t_err = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()))
@@ -99,7 +114,7 @@ def run_measured(cmd):
     return wall, usage.ru_maxrss / 1024, out_chunks[0].decode(), err_chunks[0].decode(), proc.returncode
 
 
-def run_shards(cmd, shards):
+def run_shards(cmd, shards, stdin):
     """Runs the shards at once; returns (wall of the slowest, largest peak RSS, stderr of shard 0)."""
     cpus = os.cpu_count()
     start = time.monotonic()
@@ -107,7 +122,7 @@ def run_shards(cmd, shards):
 
     def one(i):
         pinned = ["taskset", "-c", str(i % cpus), *cmd, "--shard", f"{i}/{shards}", "--threads", "1"]
-        results[i] = run_measured(pinned)
+        results[i] = run_measured(pinned, stdin)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(shards)]
     for t in threads:
@@ -121,13 +136,53 @@ def run_shards(cmd, shards):
     return wall, max(r[1] for r in results), results[0][3]
 
 
+def download_once(url):
+    """Seconds to GET url over one fresh connection and read it all."""
+    parts = urllib.parse.urlsplit(url)
+    start = time.monotonic()
+    conn = http.client.HTTPConnection(parts.hostname, parts.port)
+    conn.request("GET", parts.path)
+    body = conn.getresponse().read()
+    wall = time.monotonic() - start
+    conn.close()
+    assert len(body) > 0
+    return wall
+
+
+def one_batch(binary):
+    """The classifier's inference time for one batch of one image, from its own stage summary."""
+    birds = FIXTURES / "birds"
+    times = []
+    for _ in range(3):
+        _, _, _, err, code = run_measured([binary, "--model", str(birds / "model.tflite"), "--labels",
+                                           str(birds / "labels.csv"), str(birds / "images" / TASK5[3])])
+        if code != 0:
+            sys.exit(f"classifier exited {code}:\n{err}")
+        times.append(float(re.search(r"inference=([0-9.]+) s batches=1\b", strip_ansi(err))[1]))
+    return statistics.median(times)
+
+
+def strip_ansi(text):
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def check_output(name, out, count):
+    records = [json.loads(line) for line in out.splitlines()]
+    failed = [r for r in records if "error" in r]
+    if len(records) != count or failed:
+        sys.exit(f"{name}: {len(records)} records for {count} sources, {len(failed)} failed: {failed[:3]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["task5", "corpus"], default="task5")
+    p.add_argument("--scenario", choices=["task5", "corpus", "scale"], default="task5")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--delay-ms", type=float, default=50)
     p.add_argument("--rate-mbps", type=float, default=20)
     p.add_argument("--binary", default=str(ROOT / "target" / "release" / "classifier"))
+    p.add_argument("--peers", default="litert,sequential",
+                   help="comma-separated peers to run beside the classifier: litert, sequential, or none "
+                        "(sequential runs only in task5: it downloads the model once per image)")
     p.add_argument("--shards", type=int, default=0,
                    help="scale-out: run N processes at once, process i with --shard i/N --threads 1, "
                         "pinned to CPU i mod (number of CPUs); compare with --shards 1")
@@ -136,33 +191,68 @@ def main():
         sys.exit(f"{FIXTURES} is absent")
     server = serve(args.delay_ms / 1000, args.rate_mbps * 1e6)
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    if args.scenario == "task5":
-        images = [f"{base}/birds/images/{n}" for n in TASK5]
-    else:
-        images = [f"{base}/birds/corpus/{n}" for n in sorted(os.listdir(FIXTURES / "birds" / "corpus"))]
-    cmd = [args.binary, "--model", f"{base}/birds/model.tflite", "--labels", f"{base}/birds/labels.csv",
-           "--format", "json", *images]
-    walls, rss = [], []
+    corpus = [f"{base}/birds/corpus/{n}" for n in sorted(os.listdir(FIXTURES / "birds" / "corpus"))]
+    images = {
+        "task5": [f"{base}/birds/images/{n}" for n in TASK5],
+        "corpus": corpus,
+        "scale": [f"{url}?copy={k}" for k in range(10) for url in corpus],
+    }[args.scenario]
+    model, labels = f"{base}/birds/model.tflite", f"{base}/birds/labels.csv"
+    tool = [args.binary, "--model", model, "--labels", labels, "--format", "json", "--sources-file", "-"]
+    peers = [name for name in args.peers.split(",") if name not in ("", "none")]
+    if args.scenario != "task5" and "sequential" in peers:
+        peers.remove("sequential")
+    contenders = {"classifier": None, **{f"peer_{name}": [sys.executable, str(ROOT / "bench" / f"peer_{name}.py"),
+                                                          "--model", model, "--labels", labels, *images]
+                                         for name in peers}}
+    batch = one_batch(args.binary)
+    sources = "\n".join(images) + "\n"
+    walls = {name: [] for name in contenders}
+    rss = {name: [] for name in contenders}
+    floor_downloads = []
     for i in range(args.runs):
-        if args.shards:
-            wall, peak, err = run_shards(cmd, args.shards)
-        else:
-            wall, peak, out, err, code = run_measured(cmd)
-            if code != 0:
-                sys.exit(f"run {i} exited {code}:\n{err}")
-        walls.append(wall)
-        rss.append(peak)
-        last_err = err
+        floor_downloads.append(download_once(model))
+        for name, cmd in contenders.items():
+            if name == "classifier" and args.shards:
+                wall, peak, err = run_shards(tool, args.shards, sources)
+            elif name == "classifier":
+                wall, peak, out, err, code = run_measured(tool, sources)
+                if code != 0:
+                    sys.exit(f"run {i}: classifier exited {code}:\n{err}")
+                check_output(name, out, len(images))
+                last_err = err
+            else:
+                wall, peak, out, err, code = run_measured(cmd)
+                if code != 0:
+                    sys.exit(f"run {i}: {name} exited {code}:\n{err}")
+                check_output(name, out, len(images))
+            if name == "classifier" and args.shards:
+                last_err = err
+            walls[name].append(wall)
+            rss[name].append(peak)
     n = len(images)
+    floor = statistics.median(floor_downloads) + batch
+    print(f"scenario {args.scenario}: {n} images, {args.runs} runs, delay {args.delay_ms:g} ms, "
+          f"rate {args.rate_mbps:g} MB/s per connection, {os.cpu_count()} CPUs")
     if args.shards:
-        print(f"{args.shards} shard process(es), one CPU and one inference thread each")
-    print(f"scenario {args.scenario}: {n} images, {args.runs} runs, delay {args.delay_ms} ms, "
-          f"rate {args.rate_mbps} MB/s per connection")
-    print(f"wall median {statistics.median(walls):.3f} s (min {min(walls):.3f}, max {max(walls):.3f}); "
-          f"{n / statistics.median(walls):.1f} images/s; peak RSS median {statistics.median(rss):.0f} MB")
-    for line in last_err.splitlines():
+        print(f"classifier as {args.shards} shard process(es), one CPU and one inference thread each")
+    print(f"floor {floor:.3f} s = model download alone {statistics.median(floor_downloads):.3f} s "
+          f"(median of {args.runs}) + one batch of inference {batch:.3f} s")
+    print()
+    print("| | wall median (min-max) | images/s | peak RSS | wall / floor |")
+    print("|---|---|---|---|---|")
+    for name in contenders:
+        w = statistics.median(walls[name])
+        print(f"| {name} | {w:.3f} s ({min(walls[name]):.3f}-{max(walls[name]):.3f}) | {n / w:.1f} | "
+              f"{statistics.median(rss[name]):.0f} MB | {w / floor:.2f} |")
+    tool_wall = statistics.median(walls["classifier"])
+    for name in contenders:
+        if name != "classifier":
+            print(f"classifier / {name}: {tool_wall / statistics.median(walls[name]):.2f}")
+    print()
+    for line in strip_ansi(last_err).splitlines():
         if "done:" in line or "stage times" in line:
-            print("last run:", re.sub(r"\x1b\[[0-9;]*m", "", line.split(" INFO ")[-1]).strip())
+            print("classifier's last run:", line.split(" INFO ")[-1].strip())
 
 
 if __name__ == "__main__":

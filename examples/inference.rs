@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 
 use classifier::model::Model;
 
-// As in the product (src/main.rs).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]

@@ -5,13 +5,6 @@ use classifier::cli::Args;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-// Preparing a model allocates and frees tens of megabytes in large blocks;
-// mimalloc keeps and reuses them where the system allocator (glibc's, and
-// musl's more so) hands them back and faults fresh pages in: preparation
-// takes half the time (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
