@@ -148,6 +148,11 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 }
 
 impl Args {
+    /// Inference threads: `--threads`, else one per CPU.
+    pub fn threads(&self) -> usize {
+        self.threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.timeout)
     }

@@ -59,8 +59,7 @@ struct Stats {
 pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let timeout = args.timeout();
-    let threads =
-        args.threads.map(|t| t as usize).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args.threads();
     let (model_sources, input_hint) = match &args.model {
         None => (
             vec![Source::parse(cli::DEFAULT_MODEL_URL)?, Source::parse(cli::FALLBACK_MODEL_URL)?],
