@@ -23,13 +23,14 @@ fn main() -> ExitCode {
             default_hook(info);
         }
     }));
-    // Decodes, inference and file reads run on the blocking pool, at most
-    // `threads` decodes and `threads` batches at once. Each thread that
-    // allocates gets its own malloc arena, which keeps what it once held: a
-    // small pool bounds memory (tokio's default of 512 threads let the peak
-    // grow with --concurrency, to 500 MB on the corpus).
+    // Decodes, inference, model preparation and file reads run on the
+    // blocking pool. Every thread that allocates gets its own malloc arena,
+    // which keeps what it once held: tokio's default of 512 threads let the
+    // peak grow with --concurrency (500 MB over the corpus from local files),
+    // and `threads + 1` threads kept it lowest at the same speed on two CPUs
+    // (see BENCHMARKS.md).
     let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(2 * args.threads() + 1).build();
+        tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(args.threads() + 1).build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
