@@ -62,9 +62,16 @@ def make_handler(delay, rate):
             # Byte ranges as static hosts serve them: one range, honoured
             # unless If-Range names another version.
             ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-            if ranged and self.headers.get("If-Range", etag) == etag and int(ranged[1]) < len(body):
+            if ranged and self.headers.get("If-Range", etag) == etag:
                 status, first = 206, int(ranged[1])
                 last = min(int(ranged[2]), last) if ranged[2] else last
+                if first >= len(body):
+                    time.sleep(delay)
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
             body = body[first:last + 1]
             time.sleep(delay)
             self.send_response(status)

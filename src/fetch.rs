@@ -63,20 +63,23 @@ pub async fn fetch(client: &Client, timeout: Duration, source: &Source, limit: u
     }
 }
 
-/// The fewest bytes worth a connection of their own: below this, the extra
-/// round trip costs more than the bandwidth a connection adds.
-const MIN_PART_BYTES: u64 = 512 << 10;
+/// Bytes one range carries. The first ranges are asked for at once, before
+/// the file's size is known: a model up to `connections` times this size
+/// arrives in one round trip plus its share of the transfer.
+const PART_BYTES: u64 = 1 << 20;
 
 /// Fetches a large `source` over up to `connections` parallel connections,
-/// each carrying one byte range, when the server honours Range requests.
+/// each carrying byte ranges, when the server honours Range requests.
 ///
 /// A single connection is often held to a fraction of the path's bandwidth
 /// (per-connection throttling, slow TCP windows on long paths), so a large
 /// model arrives sooner in parts. The first request asks for everything
 /// (`Range: bytes=0-`): a server without Range support answers it in full and
-/// nothing is lost. Once its headers give the size, the rest is split into
-/// parts fetched at once, each pinned with `If-Range` to the same version of
-/// the file. Should any part fail, the first response is read to its end.
+/// nothing is lost. At the same time the next `connections - 1` parts of
+/// `PART_BYTES` are asked for; once the first answer gives the size, what
+/// lies past them is split among new ranges pinned with `If-Range` to the same
+/// version. Every part must come from that version, or the first response is
+/// read to its end instead.
 pub async fn fetch_parallel(
     client: &Client,
     timeout: Duration,
@@ -85,65 +88,70 @@ pub async fn fetch_parallel(
     connections: usize,
 ) -> Result<Bytes, FetchError> {
     let Source::Url(url) = source else { return fetch(client, timeout, source, limit).await };
-    let request = client.get(url.clone()).header(RANGE, "bytes=0-").header(ACCEPT_ENCODING, "identity");
-    let response = send(request, timeout).await?;
-    let total = match response.status() {
-        StatusCode::PARTIAL_CONTENT => match content_range(&response) {
-            Some((0, end, total)) if end + 1 == total => total,
-            _ => return Err(FetchError::Http("the server answered with a range that was not asked for".into())),
-        },
-        // No Range support: this is the whole file.
-        _ => {
-            let declared = response.content_length();
-            if declared.is_some_and(|len| len > limit) {
-                return Err(FetchError::TooLarge { limit });
+    let connections = connections.max(1) as u64;
+    let wave: Vec<(u64, u64)> = (1..connections).map(|i| (i * PART_BYTES, (i + 1) * PART_BYTES)).collect();
+    let first_wave = futures::future::join_all(
+        wave.iter().map(|&(start, end)| fetch_range(client, url.clone(), start, end, None, timeout)),
+    );
+    let head = async {
+        let request = client.get(url.clone()).header(RANGE, "bytes=0-").header(ACCEPT_ENCODING, "identity");
+        let mut first = send(request, timeout).await?;
+        let total = match first.status() {
+            StatusCode::PARTIAL_CONTENT => match content_range(&first) {
+                Some((0, end, total)) if end + 1 == total => total,
+                _ => return Err(FetchError::Http("the server answered with a range that was not asked for".into())),
+            },
+            // No Range support: this is the whole file.
+            _ => {
+                let declared = first.content_length();
+                if declared.is_some_and(|len| len > limit) {
+                    return Err(FetchError::TooLarge { limit });
+                }
+                let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+                read_body(first, &mut body, limit, timeout).await?;
+                return Ok(Head::Whole(body));
             }
-            let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-            read_body(response, &mut body, limit, timeout).await?;
-            return Ok(body.freeze());
+        };
+        if total > limit {
+            return Err(FetchError::TooLarge { limit });
         }
+        // Past the first wave: split now that the size is known, straight
+        // to where any redirect led.
+        let covered = connections * PART_BYTES;
+        let validator = validator(&first);
+        let tail: Vec<(u64, u64)> = if total > covered {
+            let parts = ((total - covered) / PART_BYTES).clamp(1, connections);
+            let part = (total - covered).div_ceil(parts);
+            (0..parts).map(|i| (covered + i * part, (covered + (i + 1) * part).min(total))).collect()
+        } else {
+            vec![]
+        };
+        let tail = futures::future::join_all(
+            tail.iter()
+                .map(|&(start, end)| fetch_range(client, first.url().clone(), start, end, validator.clone(), timeout)),
+        );
+        let mut body = BytesMut::with_capacity(total as usize);
+        let (spill, tail) = futures::join!(read_prefix(&mut first, &mut body, PART_BYTES.min(total), timeout), tail);
+        Ok(Head::Ranged { first: Box::new(first), body, spill: spill?, total, validator, tail })
     };
-    if total > limit {
-        return Err(FetchError::TooLarge { limit });
-    }
-    let parts = (total / MIN_PART_BYTES).clamp(1, connections.max(1) as u64);
-    let part = total.div_ceil(parts);
-    // Later parts go straight to where any redirect led, for the same version.
-    let (url, validator) = (response.url().clone(), validator(&response));
-    let ranges: Vec<(u64, u64)> = (1..parts).map(|i| (i * part, ((i + 1) * part).min(total))).collect();
-    let fetch_part = |(start, end): (u64, u64)| {
-        let mut request = client
-            .get(url.clone())
-            .header(RANGE, format!("bytes={start}-{}", end - 1))
-            .header(ACCEPT_ENCODING, "identity");
-        if let Some(validator) = &validator {
-            request = request.header(IF_RANGE, validator.clone());
-        }
-        async move {
-            let response = send(request, timeout).await?;
-            if response.status() != StatusCode::PARTIAL_CONTENT
-                || content_range(&response) != Some((start, end - 1, total))
-            {
-                return Err(FetchError::Http(format!("the server did not answer the range {start}-{}", end - 1)));
-            }
-            let mut body = BytesMut::with_capacity((end - start) as usize);
-            read_body(response, &mut body, end - start, timeout).await?;
-            if body.len() as u64 != end - start {
-                return Err(FetchError::Http(format!("the range {start}-{} came short", end - 1)));
-            }
-            Ok(body)
-        }
+    let (wave_parts, head) = futures::join!(first_wave, head);
+    let (first, mut body, spill, total, validator, tail) = match head? {
+        Head::Whole(body) => return Ok(body.freeze()),
+        Head::Ranged { first, body, spill, total, validator, tail } => (first, body, spill, total, validator, tail),
     };
-
-    let mut body = BytesMut::with_capacity(total as usize);
-    let mut first = response;
-    let head = read_prefix(&mut first, &mut body, part, timeout);
-    let (spill, tail) = futures::join!(head, futures::future::join_all(ranges.into_iter().map(fetch_part)));
-    let spill = spill?;
-    match tail.into_iter().collect::<Result<Vec<BytesMut>, FetchError>>() {
-        Ok(tail) => {
-            tracing::debug!(%source, parts, "fetched in byte ranges");
-            tail.iter().for_each(|t| body.extend_from_slice(t));
+    // The first wave's parts that fall inside the file, then the tail.
+    let needed = wave.iter().zip(wave_parts).filter(|((start, _), _)| *start < total).map(|(_, part)| part);
+    let parts: Result<Vec<Part>, FetchError> = needed
+        .chain(tail)
+        .map(|part| match part? {
+            Some(part) if part.total == total && part.validator == validator => Ok(part),
+            _ => Err(FetchError::Http("a range came from another version of the file".into())),
+        })
+        .collect();
+    match parts {
+        Ok(parts) => {
+            tracing::debug!(%source, ranges = parts.len() + 1, "fetched in byte ranges");
+            parts.iter().for_each(|part| body.extend_from_slice(&part.body));
         }
         Err(e) => {
             tracing::debug!(%source, "fetching in byte ranges failed ({e}), reading one stream to its end");
@@ -151,13 +159,73 @@ pub async fn fetch_parallel(
                 return Err(FetchError::Http("the body is longer than its Content-Range".into()));
             }
             body.extend_from_slice(&spill);
-            read_body(first, &mut body, total, timeout).await?;
+            read_body(*first, &mut body, total, timeout).await?;
         }
     }
     if body.len() as u64 != total {
         return Err(FetchError::Http(format!("the body came short: {} of {total} bytes", body.len())));
     }
     Ok(body.freeze())
+}
+
+/// The answer to the first request of `fetch_parallel`.
+enum Head {
+    /// The server ignored the range and sent the whole file.
+    Whole(BytesMut),
+    /// The first part is in `body`; `first` streams on from there, past the
+    /// `spill` already read.
+    Ranged {
+        first: Box<Response>,
+        body: BytesMut,
+        spill: Bytes,
+        total: u64,
+        validator: Option<HeaderValue>,
+        tail: Vec<Result<Option<Part>, FetchError>>,
+    },
+}
+
+/// One byte range of a file.
+struct Part {
+    body: BytesMut,
+    /// The file's size, and what identifies its version, as this answer gave them.
+    total: u64,
+    validator: Option<HeaderValue>,
+}
+
+/// Fetches bytes `start..end` of `url`, cut at the end of the file; `None` if
+/// the file ends before `start`.
+async fn fetch_range(
+    client: &Client,
+    url: reqwest::Url,
+    start: u64,
+    end: u64,
+    if_range: Option<HeaderValue>,
+    timeout: Duration,
+) -> Result<Option<Part>, FetchError> {
+    let mut request =
+        client.get(url).header(RANGE, format!("bytes={start}-{}", end - 1)).header(ACCEPT_ENCODING, "identity");
+    if let Some(validator) = if_range {
+        request = request.header(IF_RANGE, validator);
+    }
+    let response = match send(request, timeout).await {
+        Err(FetchError::Status(StatusCode::RANGE_NOT_SATISFIABLE)) => return Ok(None),
+        response => response?,
+    };
+    let unexpected = || FetchError::Http(format!("the server did not answer the range {start}-{}", end - 1));
+    if response.status() != StatusCode::PARTIAL_CONTENT {
+        return Err(unexpected());
+    }
+    let (first, last, total) = content_range(&response).ok_or_else(unexpected)?;
+    if first != start || last + 1 != end.min(total) {
+        return Err(unexpected());
+    }
+    let validator = validator(&response);
+    let mut body = BytesMut::with_capacity((last + 1 - first) as usize);
+    read_body(response, &mut body, last + 1 - first, timeout).await?;
+    if body.len() as u64 != last + 1 - first {
+        return Err(FetchError::Http(format!("the range {start}-{} came short", end - 1)));
+    }
+    Ok(Some(Part { body, total, validator }))
 }
 
 async fn read_file(path: &std::path::Path, limit: u64) -> Result<Bytes, FetchError> {
@@ -327,6 +395,10 @@ mod tests {
             if !ranges(first) || request.headers.get("if-range").is_some_and(|v| v != "\"v1\"") {
                 return whole;
             }
+            if first >= body.len() as u64 {
+                return ResponseTemplate::new(416).insert_header("content-range", format!("bytes */{}", body.len()));
+            }
+            let last = last.min(body.len() as u64 - 1);
             ResponseTemplate::new(206)
                 .insert_header("etag", "\"v1\"")
                 .insert_header("content-range", format!("bytes {first}-{last}/{}", body.len()))
@@ -334,34 +406,52 @@ mod tests {
         }
     }
 
-    fn model_bytes() -> Vec<u8> {
-        (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
+    fn model_bytes(len: u32) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
     }
 
     #[tokio::test]
     async fn large_files_come_in_byte_ranges_when_the_server_allows() {
         let server = MockServer::start().await;
-        let body = model_bytes();
-        Mock::given(path("/model")).respond_with(file_server(body.clone(), |_| true)).mount(&server).await;
         let timeout = Duration::from_secs(5);
         let client = client(timeout).unwrap();
-        let model = Source::parse(&format!("{}/model", server.uri())).unwrap();
-        let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap();
-        assert!(fetched == body, "the ranges were put together wrong");
-        let requests = server.received_requests().await.unwrap();
-        let mut ranges: Vec<String> =
-            requests.iter().map(|r| r.headers["range"].to_str().unwrap().to_string()).collect();
-        ranges.sort();
-        assert_eq!(ranges, ["bytes=0-", "bytes=1500000-2249999", "bytes=2250000-2999999", "bytes=750000-1499999"]);
-        assert!(requests.iter().skip(1).all(|r| r.headers["if-range"] == "\"v1\""));
-        let err = fetch_parallel(&client, timeout, &model, 2_999_999, 4).await.unwrap_err();
-        assert!(matches!(err, FetchError::TooLarge { limit: 2_999_999 }), "{err}");
+        // 3 MB fits the first wave of ranges, asked for before the size is
+        // known (the last one starts past the end); 6 MB needs one more range.
+        for (len, expected) in [
+            (3_000_000, vec!["bytes=0-", "bytes=1048576-2097151", "bytes=2097152-3145727", "bytes=3145728-4194303"]),
+            (
+                6_000_000,
+                vec![
+                    "bytes=0-",
+                    "bytes=1048576-2097151",
+                    "bytes=2097152-3145727",
+                    "bytes=3145728-4194303",
+                    "bytes=4194304-5999999",
+                ],
+            ),
+        ] {
+            server.reset().await;
+            let body = model_bytes(len);
+            Mock::given(path("/model")).respond_with(file_server(body.clone(), |_| true)).mount(&server).await;
+            let model = Source::parse(&format!("{}/model", server.uri())).unwrap();
+            let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap();
+            assert!(fetched == body, "{len} bytes: the ranges were put together wrong");
+            let requests = server.received_requests().await.unwrap();
+            let mut ranges: Vec<&str> = requests.iter().map(|r| r.headers["range"].to_str().unwrap()).collect();
+            ranges.sort();
+            assert_eq!(ranges, expected);
+            // Ranges asked for once the version is known are pinned to it.
+            let pinned = requests.iter().filter(|r| r.headers.get("if-range").is_some_and(|v| v == "\"v1\"")).count();
+            assert_eq!(pinned, expected.len() - 4);
+            let err = fetch_parallel(&client, timeout, &model, len as u64 - 1, 4).await.unwrap_err();
+            assert!(matches!(err, FetchError::TooLarge { .. }), "{err}");
+        }
     }
 
     #[tokio::test]
     async fn without_ranges_the_file_comes_whole() {
         let server = MockServer::start().await;
-        let body = model_bytes();
+        let body = model_bytes(3_000_000);
         // One server ignores Range; the other honours only the first request,
         // as if the file changed in between.
         Mock::given(path("/plain")).respond_with(file_server(body.clone(), |_| false)).mount(&server).await;
