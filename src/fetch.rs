@@ -73,13 +73,13 @@ const PART_BYTES: u64 = 1 << 20;
 ///
 /// A single connection is often held to a fraction of the path's bandwidth
 /// (per-connection throttling, slow TCP windows on long paths), so a large
-/// model arrives sooner in parts. The first request asks for everything
-/// (`Range: bytes=0-`): a server without Range support answers it in full and
-/// nothing is lost. At the same time the next `connections - 1` parts of
-/// `PART_BYTES` are asked for; once the first answer gives the size, what
-/// lies past them is split among new ranges pinned with `If-Range` to the same
-/// version. Every part must come from that version, or the first response is
-/// read to its end instead.
+/// model arrives sooner in parts. The first `connections` parts of
+/// `PART_BYTES` are asked for at once; a server without Range support answers
+/// the first request with the whole file, and the others are dropped. Once
+/// the first answer gives the size, what lies past those parts is split among
+/// new ranges pinned with `If-Range` to that version, and every part must
+/// carry the same ETag or modification date as the first. Should anything
+/// not fit, the file is fetched again in one plain request.
 pub async fn fetch_parallel(
     client: &Client,
     timeout: Duration,
@@ -94,23 +94,28 @@ pub async fn fetch_parallel(
         wave.iter().map(|&(start, end)| fetch_range(client, url.clone(), start, end, None, timeout)),
     );
     let head = async {
-        let request = client.get(url.clone()).header(RANGE, "bytes=0-").header(ACCEPT_ENCODING, "identity");
-        let mut first = send(request, timeout).await?;
-        let total = match first.status() {
-            StatusCode::PARTIAL_CONTENT => match content_range(&first) {
-                Some((0, end, total)) if end + 1 == total => total,
-                _ => return Err(FetchError::Http("the server answered with a range that was not asked for".into())),
-            },
+        let request = client
+            .get(url.clone())
+            .header(RANGE, format!("bytes=0-{}", PART_BYTES - 1))
+            .header(ACCEPT_ENCODING, "identity");
+        let first = match send(request, timeout).await {
+            // An empty file has no first byte to give.
+            Err(FetchError::Status(StatusCode::RANGE_NOT_SATISFIABLE)) => return Ok(Head::Plain),
+            first => first?,
+        };
+        if first.status() != StatusCode::PARTIAL_CONTENT {
             // No Range support: this is the whole file.
-            _ => {
-                let declared = first.content_length();
-                if declared.is_some_and(|len| len > limit) {
-                    return Err(FetchError::TooLarge { limit });
-                }
-                let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-                read_body(first, &mut body, limit, timeout).await?;
-                return Ok(Head::Whole(body));
+            let declared = first.content_length();
+            if declared.is_some_and(|len| len > limit) {
+                return Err(FetchError::TooLarge { limit });
             }
+            let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+            read_body(first, &mut body, limit, timeout).await?;
+            return Ok(Head::Whole(body));
+        }
+        let total = match content_range(&first) {
+            Some((0, last, total)) if last + 1 == PART_BYTES.min(total) => total,
+            _ => return Ok(Head::Plain),
         };
         if total > limit {
             return Err(FetchError::TooLarge { limit });
@@ -131,13 +136,23 @@ pub async fn fetch_parallel(
                 .map(|&(start, end)| fetch_range(client, first.url().clone(), start, end, validator.clone(), timeout)),
         );
         let mut body = BytesMut::with_capacity(total as usize);
-        let (spill, tail) = futures::join!(read_prefix(&mut first, &mut body, PART_BYTES.min(total), timeout), tail);
-        Ok(Head::Ranged { first: Box::new(first), body, spill: spill?, total, validator, tail })
+        let first_part = PART_BYTES.min(total);
+        let (read, tail) = futures::join!(read_body(first, &mut body, first_part, timeout), tail);
+        match read {
+            // More than its Content-Range said.
+            Err(FetchError::TooLarge { .. }) => return Ok(Head::Plain),
+            read => read?,
+        }
+        if body.len() as u64 != first_part {
+            return Ok(Head::Plain);
+        }
+        Ok(Head::Ranged { body, total, validator, tail })
     };
     let (wave_parts, head) = futures::join!(first_wave, head);
-    let (first, mut body, spill, total, validator, tail) = match head? {
+    let (mut body, total, validator, tail) = match head? {
         Head::Whole(body) => return Ok(body.freeze()),
-        Head::Ranged { first, body, spill, total, validator, tail } => (first, body, spill, total, validator, tail),
+        Head::Plain => return fetch(client, timeout, source, limit).await,
+        Head::Ranged { body, total, validator, tail } => (body, total, validator, tail),
     };
     // The first wave's parts that fall inside the file, then the tail.
     let needed = wave.iter().zip(wave_parts).filter(|((start, _), _)| *start < total).map(|(_, part)| part);
@@ -152,36 +167,23 @@ pub async fn fetch_parallel(
         Ok(parts) => {
             tracing::debug!(%source, ranges = parts.len() + 1, "fetched in byte ranges");
             parts.iter().for_each(|part| body.extend_from_slice(&part.body));
+            Ok(body.freeze())
         }
         Err(e) => {
-            tracing::debug!(%source, "fetching in byte ranges failed ({e}), reading one stream to its end");
-            if body.len() as u64 + spill.len() as u64 > total {
-                return Err(FetchError::Http("the body is longer than its Content-Range".into()));
-            }
-            body.extend_from_slice(&spill);
-            read_body(*first, &mut body, total, timeout).await?;
+            tracing::debug!(%source, "fetching in byte ranges failed ({e}), fetching it whole");
+            fetch(client, timeout, source, limit).await
         }
     }
-    if body.len() as u64 != total {
-        return Err(FetchError::Http(format!("the body came short: {} of {total} bytes", body.len())));
-    }
-    Ok(body.freeze())
 }
 
 /// The answer to the first request of `fetch_parallel`.
 enum Head {
     /// The server ignored the range and sent the whole file.
     Whole(BytesMut),
-    /// The first part is in `body`; `first` streams on from there, past the
-    /// `spill` already read.
-    Ranged {
-        first: Box<Response>,
-        body: BytesMut,
-        spill: Bytes,
-        total: u64,
-        validator: Option<HeaderValue>,
-        tail: Vec<Result<Option<Part>, FetchError>>,
-    },
+    /// The first part is in `body`; the others are in `tail` or on their way.
+    Ranged { body: BytesMut, total: u64, validator: Option<HeaderValue>, tail: Vec<Result<Option<Part>, FetchError>> },
+    /// The answer does not fit a ranged fetch: fetch the file whole.
+    Plain,
 }
 
 /// One byte range of a file.
@@ -259,27 +261,6 @@ async fn read_body(
         body.extend_from_slice(&chunk);
     }
     Ok(())
-}
-
-/// Reads `response` into `body` until it holds `want` bytes or the body ends,
-/// and returns what arrived past `want`; the rest is left unread.
-async fn read_prefix(
-    response: &mut Response,
-    body: &mut BytesMut,
-    want: u64,
-    timeout: Duration,
-) -> Result<Bytes, FetchError> {
-    while (body.len() as u64) < want {
-        let Some(mut chunk) = response.chunk().await.map_err(|e| classify(e, timeout))? else { break };
-        let room = (want - body.len() as u64) as usize;
-        if chunk.len() > room {
-            let spill = chunk.split_off(room);
-            body.extend_from_slice(&chunk);
-            return Ok(spill);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::new())
 }
 
 /// `(first, last, total)` of a `Content-Range: bytes first-last/total` header.
@@ -418,11 +399,14 @@ mod tests {
         // 3 MB fits the first wave of ranges, asked for before the size is
         // known (the last one starts past the end); 6 MB needs one more range.
         for (len, expected) in [
-            (3_000_000, vec!["bytes=0-", "bytes=1048576-2097151", "bytes=2097152-3145727", "bytes=3145728-4194303"]),
+            (
+                3_000_000,
+                vec!["bytes=0-1048575", "bytes=1048576-2097151", "bytes=2097152-3145727", "bytes=3145728-4194303"],
+            ),
             (
                 6_000_000,
                 vec![
-                    "bytes=0-",
+                    "bytes=0-1048575",
                     "bytes=1048576-2097151",
                     "bytes=2097152-3145727",
                     "bytes=3145728-4194303",
@@ -463,6 +447,10 @@ mod tests {
             let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap();
             assert!(fetched == body, "{name}: wrong body");
         }
+        // An empty file cannot answer a range: it is fetched plainly.
+        Mock::given(path("/empty")).respond_with(file_server(vec![], |_| true)).mount(&server).await;
+        let empty = Source::parse(&format!("{}/empty", server.uri())).unwrap();
+        assert!(fetch_parallel(&client, timeout, &empty, 1 << 30, 4).await.unwrap().is_empty());
         let small = Source::parse(&format!("{}/plain", server.uri())).unwrap();
         assert!(matches!(fetch_parallel(&client, timeout, &small, 100, 4).await, Err(FetchError::TooLarge { .. })));
     }
