@@ -149,8 +149,8 @@ impl Model {
 /// tract's declutter and codegen passes, but for the pass that moves axes
 /// around the graph: on these networks it only tries to drop the batch axis,
 /// which the input and output pin, and each try copies the weights. It took
-/// most of the preparation time and its absence leaves inference as fast
-/// (see BENCHMARKS.md).
+/// over a third of the preparation's instructions, and inference is as fast
+/// without it (see BENCHMARKS.md).
 fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
     declutter().optimize(&mut model)?;
     model.optimize()?;
