@@ -50,16 +50,7 @@ pub fn client(timeout: Duration) -> reqwest::Result<Client> {
 pub async fn fetch(client: &Client, timeout: Duration, source: &Source, limit: u64) -> Result<Bytes, FetchError> {
     match source {
         Source::Path(path) => read_file(path, limit).await,
-        Source::Url(url) => {
-            let response = send(client.get(url.clone()), timeout).await?;
-            let declared = response.content_length();
-            if declared.is_some_and(|len| len > limit) {
-                return Err(FetchError::TooLarge { limit });
-            }
-            let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-            read_body(response, &mut body, limit, timeout).await?;
-            Ok(body.freeze())
-        }
+        Source::Url(url) => read_whole(send(client.get(url.clone()), timeout).await?, limit, timeout).await,
     }
 }
 
@@ -105,13 +96,7 @@ pub async fn fetch_parallel(
         };
         if first.status() != StatusCode::PARTIAL_CONTENT {
             // No Range support: this is the whole file.
-            let declared = first.content_length();
-            if declared.is_some_and(|len| len > limit) {
-                return Err(FetchError::TooLarge { limit });
-            }
-            let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-            read_body(first, &mut body, limit, timeout).await?;
-            return Ok(Head::Whole(body));
+            return Ok(Head::Whole(read_whole(first, limit, timeout).await?));
         }
         let total = match content_range(&first) {
             Some((0, last, total)) if last + 1 == PART_BYTES.min(total) => total,
@@ -150,7 +135,7 @@ pub async fn fetch_parallel(
     };
     let (wave_parts, head) = futures::join!(first_wave, head);
     let (mut body, total, validator, tail) = match head? {
-        Head::Whole(body) => return Ok(body.freeze()),
+        Head::Whole(body) => return Ok(body),
         Head::Plain => return fetch(client, timeout, source, limit).await,
         Head::Ranged { body, total, validator, tail } => (body, total, validator, tail),
     };
@@ -179,7 +164,7 @@ pub async fn fetch_parallel(
 /// The answer to the first request of `fetch_parallel`.
 enum Head {
     /// The server ignored the range and sent the whole file.
-    Whole(BytesMut),
+    Whole(Bytes),
     /// The first part is in `body`; the others are in `tail` or on their way.
     Ranged { body: BytesMut, total: u64, validator: Option<HeaderValue>, tail: Vec<Result<Option<Part>, FetchError>> },
     /// The answer does not fit a ranged fetch: fetch the file whole.
@@ -245,6 +230,17 @@ async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> Result<Res
         return Err(FetchError::Status(response.status()));
     }
     Ok(response)
+}
+
+/// The whole body of `response`, refused past `limit` bytes.
+async fn read_whole(response: Response, limit: u64, timeout: Duration) -> Result<Bytes, FetchError> {
+    let declared = response.content_length();
+    if declared.is_some_and(|len| len > limit) {
+        return Err(FetchError::TooLarge { limit });
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    read_body(response, &mut body, limit, timeout).await?;
+    Ok(body.freeze())
 }
 
 /// Appends the rest of `response` to `body`, which may hold `limit` bytes in all.
