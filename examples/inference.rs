@@ -1,7 +1,7 @@
 //! Times model preparation and inference alone, without downloads or
 //! decoding: `cargo run --release --example inference -- MODEL IMAGE...`
 //!
-//! Prints the preparation time, then the median time per image when one
+//! Prints the preparation time on one thread and on every CPU, then the median time per image when one
 //! thread classifies the images one by one, and when every CPU does so at
 //! once on the shared plan.
 
@@ -18,14 +18,22 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(args.len() >= 2, "usage: inference MODEL IMAGE...");
     let bytes = std::fs::read(&args[0])?;
-    let mut prepare = vec![];
+    let threads = std::thread::available_parallelism()?.get();
+    // Taken in turn, so that both share the machine's noise alike.
+    let (mut alone, mut together) = (vec![], vec![]);
     for _ in 0..5 {
-        let t = Instant::now();
-        Model::from_bytes(&bytes)?;
-        prepare.push(t.elapsed());
+        for (n, times) in [(1, &mut alone), (threads, &mut together)] {
+            let t = Instant::now();
+            Model::from_bytes(&bytes, n)?;
+            times.push(t.elapsed());
+        }
     }
-    let model = Model::from_bytes(&bytes)?;
-    println!("prepare (bytes to runnable plan): median {:?} of 5", median(prepare));
+    println!(
+        "prepare (bytes to runnable plan), median of 5: {:?} on 1 thread, {:?} on {threads}",
+        median(alone),
+        median(together)
+    );
+    let model = Model::from_bytes(&bytes, threads)?;
     let input = model.input();
     let images: Vec<Vec<u8>> = args[1..]
         .iter()
@@ -44,7 +52,6 @@ fn main() -> anyhow::Result<()> {
         Ok(times)
     };
     println!("1 thread: median {:?} per image", median(per_image(&model)?));
-    let threads = std::thread::available_parallelism()?.get();
     let t = Instant::now();
     let all = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| per_image(&model))).collect();

@@ -110,7 +110,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
             stats.lock().unwrap().model_download = t.elapsed();
             let t = Instant::now();
             let model = tokio::task::spawn_blocking(move || {
-                info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::from_bytes(&bytes))
+                info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::from_bytes(&bytes, threads))
             })
             .await??;
             stats.lock().unwrap().model_prepare = t.elapsed();

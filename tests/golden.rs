@@ -20,7 +20,7 @@ fn shared() -> Option<PathBuf> {
 }
 
 fn check(model: &Path, images: &Path, reference: &Path) {
-    let model = Model::from_bytes(&std::fs::read(model).unwrap()).unwrap();
+    let model = Model::from_bytes(&std::fs::read(model).unwrap(), 2).unwrap();
     let input = model.input();
     let reference = std::fs::read_to_string(reference).unwrap();
     let mut checked = 0;
@@ -48,6 +48,21 @@ fn birds_model_agrees_with_the_reference() {
 }
 
 #[test]
+fn birds_model_scores_alike_in_any_number_of_stages() {
+    // The CLI cuts the network in twice as many stages as it has threads.
+    let Some(dir) = shared() else { return };
+    let bytes = std::fs::read(dir.join("birds/model.tflite")).unwrap();
+    let (few, many) = (Model::from_bytes(&bytes, 1).unwrap(), Model::from_bytes(&bytes, 4).unwrap());
+    for name in ["american_robin.jpg", "galerida_cristata.jpg", "owl.jpg"] {
+        let image = std::fs::read(dir.join("birds/images").join(name)).unwrap();
+        let pixels = preprocess::prepare(&image, 224, 224).unwrap();
+        let (a, b) = (few.classify(&[&pixels]).unwrap().remove(0), many.classify(&[&pixels]).unwrap().remove(0));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{name}: scores differ by up to {worst}");
+    }
+}
+
+#[test]
 fn imagenet_model_agrees_with_the_reference() {
     let Some(dir) = shared() else { return };
     let imagenet = dir.join("imagenet");
@@ -70,7 +85,7 @@ fn imagenet_labels_txt_fits_its_model() {
     let Some(dir) = shared() else { return };
     let imagenet = dir.join("imagenet");
     let labels = classifier::labels::Labels::parse(&std::fs::read(imagenet.join("labels.txt")).unwrap()).unwrap();
-    let model = Model::from_bytes(&std::fs::read(imagenet.join("mobilenet_v2_quant.tflite")).unwrap()).unwrap();
+    let model = Model::from_bytes(&std::fs::read(imagenet.join("mobilenet_v2_quant.tflite")).unwrap(), 2).unwrap();
     labels.check_count(model.classes()).unwrap();
     assert_eq!(labels.get(0), Some("background"));
     let birds = classifier::labels::Labels::parse(&std::fs::read(dir.join("birds/labels.csv")).unwrap()).unwrap();

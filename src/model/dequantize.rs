@@ -63,33 +63,61 @@ impl Normalization {
     pub const MINUS_ONE_TO_ONE: Normalization = Normalization { scale: 1.0 / 127.5, offset: -1.0 };
 }
 
-/// A float32 rebuild of a model, ready for tract.
-#[derive(Debug)]
-pub struct FloatModel {
-    /// The flatbuffer, written back to front: it starts at `head`.
-    buffer: Vec<u8>,
-    head: usize,
+/// A float32 rebuild of a model, ready for tract, as stages run one after
+/// the other: the first takes the image, each next one the tensor its
+/// predecessor gives, and the last gives the scores.
+pub struct FloatModel<'a> {
+    stages: Vec<Rebuilt<'a>>,
     /// The pixel normalisation equivalent to the original input's quantization.
     pub normalization: Normalization,
 }
 
-impl FloatModel {
-    /// The TFLite flatbuffer.
-    pub fn tflite(&self) -> &[u8] {
+impl std::fmt::Debug for FloatModel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FloatModel")
+            .field("stages", &self.stages.len())
+            .field("normalization", &self.normalization)
+            .finish()
+    }
+}
+
+impl FloatModel<'_> {
+    /// How many stages the model was cut into.
+    pub fn stages(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Stage `index` as a TFLite flatbuffer.
+    pub fn stage(&self, index: usize) -> Flatbuffer {
+        let (buffer, head) = self.stages[index].serialize();
+        Flatbuffer { buffer, head }
+    }
+}
+
+/// A TFLite flatbuffer, written back to front: it starts at `head`.
+pub struct Flatbuffer {
+    buffer: Vec<u8>,
+    head: usize,
+}
+
+impl Flatbuffer {
+    pub fn bytes(&self) -> &[u8] {
         &self.buffer[self.head..]
     }
 }
 
-/// Rebuilds `bytes`, a TFLite model of any quantization, as a float32 model.
-pub fn dequantize(bytes: &[u8]) -> Result<FloatModel> {
+/// Rebuilds `bytes`, a TFLite model of any quantization, as a float32 model
+/// cut into at most `stages` stages of about equal weight (fewer if the graph
+/// has fewer places where a single tensor flows from one part to the next).
+pub fn dequantize(bytes: &[u8], stages: usize) -> Result<FloatModel<'_>> {
     if bytes.len() < 8 || !tflite::model_buffer_has_identifier(bytes) {
         return Err(DequantizeError::NotTflite);
     }
     let model = tflite::root_as_model(bytes).map_err(|e| malformed(e.to_string()))?;
     let graph = Graph::read(&model)?;
     let normalization = graph.input_normalization()?;
-    let (buffer, head) = graph.rebuild()?.serialize();
-    Ok(FloatModel { buffer, head, normalization })
+    let stages = graph.rebuild()?.into_stages(stages);
+    Ok(FloatModel { stages, normalization })
 }
 
 /// Quantization of one tensor, per tensor or per axis.
@@ -281,14 +309,14 @@ impl<'a> Graph<'a> {
                 Ok(())
             }
         };
-        let floats: Vec<u8> = match (&t.quant, t.ty) {
+        let (quant, stored) = match (&t.quant, t.ty) {
             (_, TensorType::FLOAT32) => {
                 expect(4)?;
                 return Ok(NewTensor {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
                     ty: t.ty,
-                    data: Some(Cow::Borrowed(data)),
+                    data: Some(Data::Bytes(Cow::Borrowed(data))),
                 });
             }
             (None, TensorType::INT32 | TensorType::INT64 | TensorType::BOOL) => {
@@ -303,27 +331,13 @@ impl<'a> Graph<'a> {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
                     ty: t.ty,
-                    data: Some(Cow::Borrowed(data)),
+                    data: Some(Data::Bytes(Cow::Borrowed(data))),
                 });
             }
-            (Some(q), TensorType::UINT8) => {
-                expect(1)?;
-                dequantize_values(&t.name, &t.shape, q, data.iter().map(|&v| v as i64))?
-            }
-            (Some(q), TensorType::INT8) => {
-                expect(1)?;
-                dequantize_values(&t.name, &t.shape, q, data.iter().map(|&v| v as i8 as i64))?
-            }
-            (Some(q), TensorType::INT16) => {
-                expect(2)?;
-                let values = data.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64);
-                dequantize_values(&t.name, &t.shape, q, values)?
-            }
-            (Some(q), TensorType::INT32) => {
-                expect(4)?;
-                let values = data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64);
-                dequantize_values(&t.name, &t.shape, q, values)?
-            }
+            (Some(q), TensorType::UINT8) => (q, Stored::U8),
+            (Some(q), TensorType::INT8) => (q, Stored::I8),
+            (Some(q), TensorType::INT16) => (q, Stored::I16),
+            (Some(q), TensorType::INT32) => (q, Stored::I32),
             (q, ty) => {
                 return Err(unsupported(format!(
                     "constant tensor {} of type {ty:?}{}",
@@ -332,11 +346,13 @@ impl<'a> Graph<'a> {
                 )));
             }
         };
+        expect(stored.bytes())?;
+        let inner = quant.inner(&t.name, &t.shape)?;
         Ok(NewTensor {
             name: t.name.clone(),
             shape: t.shape.clone(),
             ty: TensorType::FLOAT32,
-            data: Some(floats.into()),
+            data: Some(Data::Quantized { values: data, stored, quant: quant.clone(), inner }),
         })
     }
 
@@ -517,7 +533,7 @@ impl<'a> Graph<'a> {
                         name: format!("{}/zero_bias", weights.name),
                         shape: vec![channels],
                         ty: TensorType::FLOAT32,
-                        data: Some(zeros.into()),
+                        data: Some(Data::Bytes(zeros.into())),
                     }));
                 }
                 _ => return Err(malformed(format!("missing input {k}"))),
@@ -554,41 +570,112 @@ fn element_count(shape: &[i32]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
-/// `values` dequantized, as little-endian float32 bytes.
-fn dequantize_values(
-    name: &str,
-    shape: &[i32],
-    q: &Quant,
-    values: impl ExactSizeIterator<Item = i64>,
-) -> Result<Vec<u8>> {
-    let channels = q.scale.len();
-    let mut out = vec![0u8; values.len() * 4];
-    let dequantize = |v: i64, zero_point: i64, scale: f32| (v as f64 - zero_point as f64) as f32 * scale;
-    if channels == 1 {
-        let (scale, zero_point) = (q.scale[0], q.zero_point.first().copied().unwrap_or(0));
-        for (bytes, v) in out.chunks_exact_mut(4).zip(values) {
-            bytes.copy_from_slice(&dequantize(v, zero_point, scale).to_le_bytes());
+impl Quant {
+    /// Checks these parameters against the tensor's shape, and returns how
+    /// many consecutive values share a scale: all of them, or for per-axis
+    /// scales, the values inside one step of the quantized axis.
+    fn inner(&self, name: &str, shape: &[i32]) -> Result<usize> {
+        let channels = self.scale.len();
+        if channels == 1 {
+            return Ok(usize::MAX);
         }
-        return Ok(out);
+        if self.axis >= shape.len() || shape[self.axis] as usize != channels {
+            return Err(malformed(format!(
+                "tensor {name} has {channels} scales for axis {} of shape {shape:?}",
+                self.axis
+            )));
+        }
+        if self.zero_point.len() > 1 && self.zero_point.len() != channels {
+            return Err(malformed(format!(
+                "tensor {name} has {channels} scales but {} zero points",
+                self.zero_point.len()
+            )));
+        }
+        Ok(shape[self.axis + 1..].iter().map(|&d| d as usize).product::<usize>().max(1))
     }
-    if q.axis >= shape.len() || shape[q.axis] as usize != channels {
-        return Err(malformed(format!("tensor {name} has {channels} scales for axis {} of shape {shape:?}", q.axis)));
-    }
-    if q.zero_point.len() > 1 && q.zero_point.len() != channels {
-        return Err(malformed(format!("tensor {name} has {channels} scales but {} zero points", q.zero_point.len())));
-    }
-    let inner: usize = shape[q.axis + 1..].iter().map(|&d| d as usize).product();
+}
+
+/// Writes `values`, quantized as `q` says, into `out` as little-endian
+/// float32 bytes. `inner` comes from [`Quant::inner`].
+fn dequantize_into(q: &Quant, inner: usize, values: impl ExactSizeIterator<Item = i64>, out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(values.len() * 4, 0);
+    let channels = q.scale.len();
     let zero_point = |c: usize| q.zero_point.get(c).or(q.zero_point.first()).copied().unwrap_or(0);
     let mut values = values;
     // Values run through the channels in blocks of `inner`.
-    for (block, bytes) in out.chunks_mut(inner.max(1) * 4).enumerate() {
+    for (block, bytes) in out.chunks_mut(inner.saturating_mul(4)).enumerate() {
         let c = block % channels;
-        let (scale, zero_point) = (q.scale[c], zero_point(c));
+        let (scale, zero_point) = (q.scale[c], zero_point(c) as f64);
         for (bytes, v) in bytes.chunks_exact_mut(4).zip(&mut values) {
-            bytes.copy_from_slice(&dequantize(v, zero_point, scale).to_le_bytes());
+            bytes.copy_from_slice(&((v as f64 - zero_point) as f32 * scale).to_le_bytes());
         }
     }
-    Ok(out)
+}
+
+/// The values of a constant of the rebuilt model.
+#[derive(Debug, Clone)]
+enum Data<'a> {
+    /// Little-endian values as they go into the rebuilt model.
+    Bytes(Cow<'a, [u8]>),
+    /// Quantized values, turned into float32 only as the model is written:
+    /// that happens on the thread preparing the stage, into a buffer reused
+    /// from one tensor to the next, and spares a copy of every weight.
+    Quantized { values: &'a [u8], stored: Stored, quant: Quant, inner: usize },
+}
+
+/// How a quantized constant stores its values.
+#[derive(Debug, Clone, Copy)]
+enum Stored {
+    U8,
+    I8,
+    I16,
+    I32,
+}
+
+impl Stored {
+    fn bytes(self) -> usize {
+        match self {
+            Stored::U8 | Stored::I8 => 1,
+            Stored::I16 => 2,
+            Stored::I32 => 4,
+        }
+    }
+}
+
+impl Data<'_> {
+    /// Bytes in the rebuilt model.
+    fn len(&self) -> usize {
+        match self {
+            Data::Bytes(bytes) => bytes.len(),
+            Data::Quantized { values, stored, .. } => values.len() / stored.bytes() * 4,
+        }
+    }
+
+    /// The bytes to write into the rebuilt model, dequantized into `scratch`
+    /// when they need to be.
+    fn bytes<'s>(&'s self, scratch: &'s mut Vec<u8>) -> &'s [u8] {
+        match self {
+            Data::Bytes(bytes) => bytes,
+            Data::Quantized { values, stored, quant, inner } => {
+                let (q, n) = (quant, *inner);
+                match stored {
+                    Stored::U8 => dequantize_into(q, n, values.iter().map(|&v| v as i64), scratch),
+                    Stored::I8 => dequantize_into(q, n, values.iter().map(|&v| v as i8 as i64), scratch),
+                    Stored::I16 => {
+                        let values = values.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64);
+                        dequantize_into(q, n, values, scratch)
+                    }
+                    Stored::I32 => {
+                        let values =
+                            values.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64);
+                        dequantize_into(q, n, values, scratch)
+                    }
+                }
+                scratch
+            }
+        }
+    }
 }
 
 /// A tensor of the rebuilt model.
@@ -597,8 +684,7 @@ struct NewTensor<'a> {
     name: String,
     shape: Vec<i32>,
     ty: TensorType,
-    /// Little-endian values, borrowed from the original when they pass as is.
-    data: Option<Cow<'a, [u8]>>,
+    data: Option<Data<'a>>,
 }
 
 impl NewTensor<'_> {
@@ -690,7 +776,7 @@ impl<'a> Rebuilt<'a> {
             name,
             shape: vec![shape.len() as i32],
             ty: TensorType::INT32,
-            data: Some(data.into()),
+            data: Some(Data::Bytes(data.into())),
         });
         self.op(BuiltinOperator::RESHAPE, vec![from, shape_tensor], vec![to], Options::Reshape { shape });
     }
@@ -714,10 +800,11 @@ impl<'a> Rebuilt<'a> {
         let empty = tflite::Buffer::create(&mut fb, &tflite::BufferArgs { data: None });
         let mut buffers = vec![empty];
         let mut tensors = vec![];
+        let mut scratch = vec![];
         for t in &self.tensors {
             let buffer = match &t.data {
                 Some(data) => {
-                    let data = fb.create_vector(data);
+                    let data = fb.create_vector(data.bytes(&mut scratch));
                     buffers.push(tflite::Buffer::create(&mut fb, &tflite::BufferArgs { data: Some(data) }));
                     buffers.len() as u32 - 1
                 }
@@ -796,6 +883,145 @@ impl<'a> Rebuilt<'a> {
         );
         tflite::finish_model_buffer(&mut fb, model);
         fb.collapse()
+    }
+}
+
+/// Cutting a model into stages, so that tract can prepare them on several
+/// threads at once. Each cut sits where exactly one tensor flows from the
+/// operators before it to those after it, so the stages run as a chain.
+impl<'a> Rebuilt<'a> {
+    /// Operators are in an order where every tensor is written before it is
+    /// read, as TFLite requires. A cut before operator `b` is possible when
+    /// one tensor alone is alive there, written by an operator before `b`.
+    /// Returns, for each such `b`, the tensor that crosses it.
+    fn cuts(&self) -> Vec<(usize, i32)> {
+        let n = self.ops.len();
+        let mut written = vec![None; self.tensors.len()];
+        let mut last_read = vec![None; self.tensors.len()];
+        for (i, op) in self.ops.iter().enumerate() {
+            for &t in &op.outputs {
+                written[t as usize] = Some(i);
+            }
+            for &t in op.inputs.iter().filter(|&&t| t >= 0) {
+                last_read[t as usize] = Some(i);
+            }
+        }
+        // alive[b]: the tensors computed before `b` and still needed at `b`.
+        // Constants are not counted: a stage carries its own copy.
+        let mut delta = vec![0i64; n + 2];
+        for (t, tensor) in self.tensors.iter().enumerate() {
+            if tensor.data.is_some() {
+                continue;
+            }
+            let first = if self.inputs.contains(&(t as i32)) {
+                0
+            } else if let Some(w) = written[t] {
+                w + 1
+            } else {
+                continue;
+            };
+            let last = if self.outputs.contains(&(t as i32)) {
+                n
+            } else if let Some(r) = last_read[t] {
+                r
+            } else {
+                continue;
+            };
+            if first <= last {
+                delta[first] += 1;
+                delta[last + 1] -= 1;
+            }
+        }
+        let mut alive = 0;
+        let mut cuts = vec![];
+        for (b, change) in delta.iter().take(n).enumerate() {
+            alive += change;
+            if b == 0 || alive != 1 {
+                continue;
+            }
+            if let [t] = self.ops[b - 1].outputs[..]
+                && last_read[t as usize].is_some_and(|r| r >= b)
+            {
+                cuts.push((b, t));
+            }
+        }
+        cuts
+    }
+
+    /// Cuts the model into at most `stages` stages of about equal cost.
+    fn into_stages(self, stages: usize) -> Vec<Rebuilt<'a>> {
+        let cuts = self.cuts();
+        if stages < 2 || cuts.is_empty() {
+            return vec![self];
+        }
+        // What preparing an operator costs: copying its weights (several
+        // times over, each first touch of a page a fault), and graph surgery
+        // worth about 256 KiB of weights per operator in cold runs.
+        let cost = |op: &NewOp| -> u64 {
+            let weights: usize = op
+                .inputs
+                .iter()
+                .filter(|&&t| t >= 0)
+                .filter_map(|&t| self.tensors[t as usize].data.as_ref())
+                .map(|d| d.len())
+                .sum();
+            weights as u64 + (256 << 10)
+        };
+        let mut before = vec![0u64];
+        for op in &self.ops {
+            before.push(before.last().unwrap() + cost(op));
+        }
+        let total = *before.last().unwrap();
+        let mut chosen: Vec<(usize, i32)> = vec![];
+        for k in 1..stages as u64 {
+            let target = total * k / stages as u64;
+            let after_last = chosen.last().map_or(0, |c| c.0);
+            let best = cuts.iter().filter(|c| c.0 > after_last).min_by_key(|c| before[c.0].abs_diff(target));
+            if let Some(&cut) = best {
+                chosen.push(cut);
+            }
+        }
+        chosen.dedup();
+        let mut bounds = vec![(0, self.inputs.clone())];
+        bounds.extend(chosen.iter().map(|&(b, t)| (b, vec![t])));
+        let ends: Vec<(usize, Vec<i32>)> =
+            chosen.iter().map(|&(b, t)| (b, vec![t])).chain([(self.ops.len(), self.outputs.clone())]).collect();
+        // Each tensor goes to the stages that use it; the last of them takes
+        // it, the others copy it.
+        let mut last_stage = vec![0usize; self.tensors.len()];
+        for (s, ((start, inputs), (end, outputs))) in bounds.iter().zip(&ends).enumerate() {
+            let used = self.ops[*start..*end].iter().flat_map(|op| op.inputs.iter().chain(&op.outputs));
+            for &t in used.chain(inputs).chain(outputs).filter(|&&t| t >= 0) {
+                last_stage[t as usize] = s;
+            }
+        }
+        let Rebuilt { tensors, ops, .. } = self;
+        let mut tensors: Vec<Option<NewTensor<'a>>> = tensors.into_iter().map(Some).collect();
+        let mut ops = ops.into_iter();
+        let mut result = vec![];
+        for (s, ((start, inputs), (end, outputs))) in bounds.into_iter().zip(ends).enumerate() {
+            let mut stage = Rebuilt::default();
+            let mut map: HashMap<i32, i32> = HashMap::new();
+            let mut local = |t: i32, stage: &mut Rebuilt<'a>| -> i32 {
+                if t < 0 {
+                    return t;
+                }
+                *map.entry(t).or_insert_with(|| {
+                    let slot = &mut tensors[t as usize];
+                    let tensor = if last_stage[t as usize] == s { slot.take() } else { slot.clone() };
+                    stage.push(tensor.expect("a tensor is taken by the last stage that uses it"))
+                })
+            };
+            stage.inputs = inputs.iter().map(|&t| local(t, &mut stage)).collect();
+            for op in ops.by_ref().take(end - start) {
+                let inputs = op.inputs.iter().map(|&t| local(t, &mut stage)).collect();
+                let outputs = op.outputs.iter().map(|&t| local(t, &mut stage)).collect();
+                stage.ops.push(NewOp { inputs, outputs, ..op });
+            }
+            stage.outputs = outputs.iter().map(|&t| local(t, &mut stage)).collect();
+            result.push(stage);
+        }
+        result
     }
 }
 
@@ -906,15 +1132,17 @@ mod tests {
 
     #[test]
     fn rebuild_is_float_with_explicit_activations() {
-        let float = dequantize(&mock()).unwrap();
+        let bytes = mock();
+        let float = dequantize(&bytes, 1).unwrap();
         assert_eq!(float.normalization, Normalization { scale: 1.0 / 255.0, offset: 0.0 });
-        let model = tflite::root_as_model(float.tflite()).unwrap();
+        let stage = float.stage(0);
+        let model = tflite::root_as_model(stage.bytes()).unwrap();
         let graph = model.subgraphs().unwrap().get(0);
         for t in graph.tensors().unwrap() {
             assert!(t.quantization().is_none(), "{:?} keeps its quantization", t.name());
             assert!(matches!(t.type_(), TensorType::FLOAT32 | TensorType::INT32), "{:?}", t.name());
         }
-        let ops = rebuilt_ops(float.tflite());
+        let ops = rebuilt_ops(stage.bytes());
         use ActivationFunctionType as A;
         use BuiltinOperator as B;
         assert_eq!(
@@ -934,27 +1162,78 @@ mod tests {
     #[test]
     fn per_axis_scales_are_honoured() {
         let q = Quant { scale: vec![0.5, 2.0], zero_point: vec![0, 1], axis: 0 };
-        let values = dequantize_values("w", &[2, 3], &q, [2, 4, 6, 1, 2, 3].into_iter()).unwrap();
+        let inner = q.inner("w", &[2, 3]).unwrap();
+        let mut values = vec![];
+        dequantize_into(&q, inner, [2, 4, 6, 1, 2, 3].into_iter(), &mut values);
         let floats: Vec<f32> = values.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         assert_eq!(floats, [1.0, 2.0, 3.0, 0.0, 2.0, 4.0]);
-        let bad = dequantize_values("w", &[3, 2], &q, [0; 6].into_iter());
-        assert!(matches!(bad, Err(DequantizeError::Malformed(_))));
+        assert!(matches!(q.inner("w", &[3, 2]), Err(DequantizeError::Malformed(_))));
     }
 
     #[test]
     fn garbage_gives_errors_not_panics() {
-        assert!(matches!(dequantize(b""), Err(DequantizeError::NotTflite)));
-        assert!(matches!(dequantize(b"<html><body>nope</body></html>"), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"", 1), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1), Err(DequantizeError::NotTflite)));
         let model = mock();
         for len in 0..model.len() {
-            assert!(dequantize(&model[..len]).is_err(), "a model cut at {len} bytes was accepted");
+            assert!(dequantize(&model[..len], 1).is_err(), "a model cut at {len} bytes was accepted");
         }
         // Every single-byte corruption either fails cleanly or still rebuilds.
         for at in 0..model.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut corrupt = model.clone();
                 corrupt[at] ^= flip;
-                let _ = dequantize(&corrupt);
+                if let Ok(float) = dequantize(&corrupt, 3) {
+                    (0..float.stages()).for_each(|i| drop(float.stage(i)));
+                }
+            }
+        }
+    }
+
+    fn whole(bytes: &[u8]) -> Rebuilt<'_> {
+        Graph::read(&tflite::root_as_model(bytes).unwrap()).unwrap().rebuild().unwrap()
+    }
+
+    #[test]
+    fn cuts_fall_where_one_tensor_flows() {
+        let bytes = mock();
+        let whole = whole(&bytes);
+        let codes: Vec<_> = whole.ops.iter().map(|op| op.code).collect();
+        use BuiltinOperator as B;
+        assert_eq!(
+            codes,
+            [B::CONV_2D, B::CONV_2D, B::ADD, B::AVERAGE_POOL_2D, B::RESHAPE, B::FULLY_CONNECTED, B::SOFTMAX]
+        );
+        // Both convolutions read the input and the ADD reads both: no cut
+        // before the ADD has run.
+        let before: Vec<usize> = whole.cuts().iter().map(|&(before, _)| before).collect();
+        assert_eq!(before, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn stages_chain_into_the_whole_model() {
+        let bytes = mock();
+        let name = |stage: &Rebuilt, t: &[i32]| -> Vec<String> {
+            t.iter().map(|&t| stage.tensors[t as usize].name.clone()).collect()
+        };
+        let whole = whole(&bytes);
+        let codes: Vec<_> = whole.ops.iter().map(|op| op.code).collect();
+        for wanted in 1..7 {
+            let stages = self::whole(&bytes).into_stages(wanted);
+            assert_eq!(stages.len(), wanted.min(5), "{wanted} stages wanted");
+            let staged: Vec<_> = stages.iter().flat_map(|s| s.ops.iter().map(|op| op.code)).collect();
+            assert_eq!(staged, codes);
+            assert_eq!(name(&stages[0], &stages[0].inputs), name(&whole, &whole.inputs));
+            let last = stages.last().unwrap();
+            assert_eq!(name(last, &last.outputs), name(&whole, &whole.outputs));
+            for pair in stages.windows(2) {
+                assert_eq!(name(&pair[0], &pair[0].outputs), name(&pair[1], &pair[1].inputs));
+                assert_eq!(pair[0].outputs.len(), 1);
+            }
+            for stage in &stages {
+                let (buffer, head) = stage.serialize();
+                let model = tflite::root_as_model(&buffer[head..]).unwrap();
+                assert_eq!(model.subgraphs().unwrap().get(0).operators().unwrap().len(), stage.ops.len());
             }
         }
     }

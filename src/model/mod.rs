@@ -5,6 +5,7 @@ mod archive;
 pub mod dequantize;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tract_tflite::internal::tract_core::optim::Optimizer;
@@ -73,38 +74,74 @@ impl InputSpec {
     }
 }
 
-/// A classifier ready to run: optimized once, shared by every worker.
+/// A classifier ready to run: optimized once, shared by every worker. The
+/// network may be cut into stages (see [`Model::from_bytes`]), run one after
+/// the other on each image.
 pub struct Model {
-    plan: Arc<TypedRunnableModel>,
+    stages: Vec<Arc<TypedRunnableModel>>,
     input: InputSpec,
     classes: usize,
 }
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("input", &self.input).field("classes", &self.classes).finish()
+        f.debug_struct("Model")
+            .field("input", &self.input)
+            .field("classes", &self.classes)
+            .field("stages", &self.stages.len())
+            .finish()
     }
 }
 
 impl Model {
     /// Prepares a model from the bytes of a `.tflite` file or of a gzip'd
-    /// tar holding exactly one.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Model, ModelError> {
+    /// tar holding exactly one, on up to `threads` threads.
+    ///
+    /// tract prepares a graph on one thread, in a time that grows faster than
+    /// the graph. So the network is cut into twice as many stages as there
+    /// are threads, of about equal cost, and the threads take them in turn.
+    /// Running the stages one after the other costs nothing measurable (see
+    /// BENCHMARKS.md).
+    pub fn from_bytes(bytes: &[u8], threads: usize) -> Result<Model, ModelError> {
         let started = Instant::now();
         let tflite = extract_tflite(bytes)?;
-        let float = dequantize::dequantize(&tflite)?;
-        let rebuilt = started.elapsed();
-        let model = guarded(|| tract_tflite::tflite().model_for_read(&mut float.tflite()))?;
-        let (input, classes) = classifier_shape(&model, float.normalization)?;
-        let loaded = started.elapsed();
-        let plan = guarded(|| optimize(model)?.into_runnable())?;
-        tracing::debug!(
-            rebuild_ms = rebuilt.as_secs_f64() * 1e3,
-            load_ms = (loaded - rebuilt).as_secs_f64() * 1e3,
-            optimize_ms = (started.elapsed() - loaded).as_secs_f64() * 1e3,
-            "model prepared"
-        );
-        Ok(Model { plan, input, classes })
+        let float = dequantize::dequantize(&tflite, 2 * threads)?;
+        let prepare = |index: usize| {
+            guarded(|| {
+                let stage = float.stage(index);
+                let model = tract_tflite::tflite().model_for_read(&mut stage.bytes())?;
+                optimize(model)?.into_runnable()
+            })
+        };
+        let count = float.stages();
+        let next = AtomicUsize::new(0);
+        let work = || {
+            let mut done = vec![];
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= count {
+                    return done;
+                }
+                done.push((index, prepare(index)));
+            }
+        };
+        let mut prepared = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads.min(count)).map(|_| scope.spawn(work)).collect();
+            let mut prepared = work();
+            for helper in helpers {
+                // A panic outside tract leaves its stages missing: caught below.
+                prepared.extend(helper.join().unwrap_or_default());
+            }
+            prepared
+        });
+        if prepared.len() != count {
+            return Err(ModelError::Inconsistent("a stage of the model could not be prepared".into()));
+        }
+        prepared.sort_by_key(|(index, _)| *index);
+        let stages = prepared.into_iter().map(|(_, stage)| stage).collect::<Result<Vec<_>, _>>()?;
+        let (input, classes) = classifier_shape(&stages, float.normalization)?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, stages = stages.len(), "model prepared");
+        Ok(Model { stages, input, classes })
     }
 
     pub fn input(&self) -> InputSpec {
@@ -125,14 +162,17 @@ impl Model {
     pub fn classify(&self, images: &[&[u8]]) -> anyhow::Result<Vec<Vec<f32>>> {
         let InputSpec { width, height, normalization: n } = self.input;
         let per_image = self.input.image_bytes();
-        let mut state = self.plan.spawn()?;
+        let mut states = self.stages.iter().map(|stage| stage.spawn()).collect::<TractResult<Vec<_>>>()?;
         let mut results = Vec::with_capacity(images.len());
         for image in images {
             anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
             let shape = (1, height as usize, width as usize, 3);
             let data: Vec<f32> = image.iter().map(|&p| p as f32 * n.scale + n.offset).collect();
             let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
-            let outputs = guarded(|| state.run(tvec!(input.into())))?;
+            let mut outputs = tvec!(input.into());
+            for state in &mut states {
+                outputs = guarded(|| state.run(outputs))?;
+            }
             let scores = outputs[0].to_plain_array_view::<f32>()?;
             anyhow::ensure!(
                 scores.len() == self.classes,
@@ -163,23 +203,27 @@ fn declutter() -> Optimizer {
     declutter
 }
 
-/// Checks that `model` looks like an image classifier: `[1, H, W, 3]` in,
-/// `[1, C]` out.
-fn classifier_shape(model: &TypedModel, normalization: Normalization) -> Result<(InputSpec, usize), ModelError> {
+/// Checks that the chain of `stages` looks like an image classifier:
+/// `[1, H, W, 3]` in, `[1, C]` out.
+fn classifier_shape(
+    stages: &[Arc<TypedRunnableModel>],
+    normalization: Normalization,
+) -> Result<(InputSpec, usize), ModelError> {
     let not_classifier = |m: String| ModelError::NotAClassifier(m);
-    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+    let (first, last) = (stages[0].model(), stages[stages.len() - 1].model());
+    if first.inputs.len() != 1 || last.outputs.len() != 1 {
         return Err(not_classifier(format!(
             "{} inputs and {} outputs, expected one of each",
-            model.inputs.len(),
-            model.outputs.len()
+            first.inputs.len(),
+            last.outputs.len()
         )));
     }
-    let input = model.input_fact(0).map_err(ModelError::Tract)?;
+    let input = first.input_fact(0).map_err(ModelError::Tract)?;
     let (height, width) = match input.shape.as_concrete() {
         Some(&[1, h, w, 3]) if h > 0 && w > 0 => (h, w),
         _ => return Err(not_classifier(format!("input of shape {:?}, expected [1, height, width, 3]", input.shape))),
     };
-    let output = model.output_fact(0).map_err(ModelError::Tract)?;
+    let output = last.output_fact(0).map_err(ModelError::Tract)?;
     let classes = match output.shape.as_concrete() {
         Some(&[1, c]) if c > 0 => c,
         _ => return Err(not_classifier(format!("output of shape {:?}, expected [1, classes]", output.shape))),
@@ -201,7 +245,7 @@ mod tests {
 
     #[test]
     fn mock_model_reads_its_shape_and_classifies() {
-        let model = Model::from_bytes(&mock()).unwrap();
+        let model = Model::from_bytes(&mock(), 1).unwrap();
         assert_eq!((model.input().width, model.input().height, model.classes()), (8, 8, 3));
         let red: Vec<u8> = [255, 0, 0].repeat(64);
         let blue: Vec<u8> = [0, 0, 255].repeat(64);
@@ -209,6 +253,21 @@ mod tests {
         assert!((scores[0][0] - 0.7175).abs() < 0.01, "{:?}", scores[0]);
         assert!((scores[1][2] - 0.7175).abs() < 0.01, "{:?}", scores[1]);
         assert!(model.classify(&[&red[..10]]).is_err());
+    }
+
+    #[test]
+    fn a_model_in_stages_scores_as_the_whole() {
+        let whole = Model::from_bytes(&mock(), 1).unwrap();
+        let staged = Model::from_bytes(&mock(), 2).unwrap();
+        assert_eq!((whole.stages.len(), staged.stages.len()), (2, 4));
+        let images: Vec<Vec<u8>> = (0..8u8)
+            .map(|k| (0..192u8).map(|i| i.wrapping_mul(31).wrapping_add(k.wrapping_mul(40))).collect())
+            .collect();
+        let images: Vec<&[u8]> = images.iter().map(|i| i.as_slice()).collect();
+        let (a, b) = (whole.classify(&images).unwrap(), staged.classify(&images).unwrap());
+        for (a, b) in a.iter().zip(&b) {
+            assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6), "{a:?} vs {b:?}");
+        }
     }
 
     #[test]
@@ -224,7 +283,7 @@ mod tests {
             for flip in [0x01u8, 0x10, 0xff] {
                 let mut corrupt = model.clone();
                 corrupt[at] ^= flip;
-                let outcome = std::panic::catch_unwind(|| Model::from_bytes(&corrupt).map(|_| ()));
+                let outcome = std::panic::catch_unwind(|| Model::from_bytes(&corrupt, 1).map(|_| ()));
                 assert!(outcome.is_ok(), "flipping {flip:#x} at byte {at} panicked");
             }
         }
