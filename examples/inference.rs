@@ -15,6 +15,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the binary does.
+    classifier::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(args.len() >= 2, "usage: inference MODEL IMAGE...");
     let bytes = std::fs::read(&args[0])?;

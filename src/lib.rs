@@ -16,3 +16,21 @@ pub mod progress;
 pub mod rank;
 pub mod render;
 pub mod source;
+
+/// Starts glibc's allocator in the state it settles into after its first
+/// large frees: blocks up to 32 MiB come from the heap, and freed memory is
+/// kept for reuse rather than given back at once. By default each large
+/// block is mapped afresh and unmapped when freed, so every copy of the
+/// model's weights while it is prepared, and every activation of the first
+/// inferences, pays a page fault per 4 KiB; on this kind of virtual machine
+/// those faults were most of a cold preparation's time (see BENCHMARKS.md).
+/// Call it once, before any thread starts.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets parameters of the allocator, and is called
+    // before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}

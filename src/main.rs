@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
 fn main() -> ExitCode {
+    classifier::tune_allocator();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
