@@ -108,8 +108,12 @@ impl Model {
         let float = dequantize::dequantize(&tflite, 2 * threads)?;
         let prepare = |index: usize| {
             guarded(|| {
-                let stage = float.stage(index);
-                let model = tract_tflite::tflite().model_for_read(&mut stage.bytes())?;
+                let tflite = tract_tflite::tflite();
+                // tract reads a copy: dropping the original first lets the
+                // tensors tract copies out of it reuse its memory.
+                let proto = tflite.proto_model_for_read(&mut float.stage(index).bytes())?;
+                let model = tflite.model_for_proto_model(&proto)?;
+                drop(proto);
                 optimize(model)?.into_runnable()
             })
         };
