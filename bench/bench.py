@@ -14,7 +14,9 @@ corpus under 10 distinct query strings: 2000 URLs).
 Prints, per contender: median wall time (min, max), images per second, median
 peak RSS, and the ratio to the floor: the model downloaded alone over one
 connection, plus one batch of inference (the classifier's own stage time on a
-local image). Then the classifier's stage summary of its last run.
+local image). Then the medians of the classifier's model download and model
+preparation over the runs (from its own stage summary: each run is a cold
+process), and its stage summary of the last run.
 
     cargo build --release
     python3 bench/bench.py --scenario task5 --runs 7
@@ -217,6 +219,7 @@ def main():
     walls = {name: [] for name in contenders}
     rss = {name: [] for name in contenders}
     floor_downloads = []
+    stage_times = {"model_download": [], "model_prepare": []}
     for i in range(args.runs):
         floor_downloads.append(download_once(model))
         for name, cmd in contenders.items():
@@ -235,6 +238,11 @@ def main():
                 check_output(name, out, len(images))
             if name == "classifier" and args.shards:
                 last_err = err
+            if name == "classifier" and not args.shards:
+                for stage, times in stage_times.items():
+                    found = re.search(rf"{stage}=([0-9.]+) s", strip_ansi(err))
+                    if found:
+                        times.append(float(found[1]))
             walls[name].append(wall)
             rss[name].append(peak)
     n = len(images)
@@ -257,6 +265,10 @@ def main():
         if name != "classifier":
             print(f"classifier / {name}: {tool_wall / statistics.median(walls[name]):.2f}")
     print()
+    for stage, times in stage_times.items():
+        if times:
+            print(f"classifier's {stage}, median of {len(times)} runs: {statistics.median(times):.3f} s "
+                  f"({min(times):.3f}-{max(times):.3f})")
     for line in strip_ansi(last_err).splitlines():
         if "done:" in line or "stage times" in line:
             print("classifier's last run:", line.split(" INFO ")[-1].strip())

@@ -75,7 +75,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub batch_size: u32,
 
-    /// Inference threads, each running its own batches. [default: the number of CPUs]
+    /// Inference threads, each running its own batches; also the threads that
+    /// prepare the model. [default: the number of CPUs]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: Option<u32>,
 
