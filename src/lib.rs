@@ -18,19 +18,21 @@ pub mod render;
 pub mod source;
 
 /// Starts glibc's allocator in the state it settles into after its first
-/// large frees: blocks up to 32 MiB come from the heap, and freed memory is
-/// kept for reuse rather than given back at once. By default each large
-/// block is mapped afresh and unmapped when freed, so every copy of the
-/// model's weights while it is prepared, and every activation of the first
-/// inferences, pays a page fault per 4 KiB; on this kind of virtual machine
-/// those faults were most of a cold preparation's time (see BENCHMARKS.md).
-/// Call it once, before any thread starts.
+/// large frees: blocks up to 32 MiB come from the heap, and up to 64 MiB
+/// freed at the top of each heap is kept for reuse rather than given back at
+/// once. By default each large block is mapped afresh and unmapped when
+/// freed, so every copy of the model's weights while it is prepared, and
+/// every activation of the first inferences, pays a page fault per 4 KiB; on
+/// this kind of virtual machine those faults were most of a cold
+/// preparation's time (see BENCHMARKS.md). Call it once, at start-up.
 pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets parameters of the allocator, and is called
-    // before other threads exist.
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+    // SAFETY: mallopt only sets parameters of the allocator, under its lock.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        // Setting either threshold turns glibc's adaptive ones off: the trim
+        // threshold alone would leave every large block mapped afresh.
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        }
     }
 }
