@@ -4,9 +4,12 @@
 Serves ../shared/fixtures over HTTP on 127.0.0.1 like a distant host: each
 response waits --delay-ms before its first byte, then streams at --rate-mbps
 megabytes per second per connection (0 = unthrottled); byte ranges are
-honoured as static hosts do. Each run is cold: model, labels and images are
-downloaded every time. Per run, in turn: the floor's model download, the
-classifier, and each peer, so that all share the machine's noise alike.
+honoured as static hosts do, and If-None-Match is answered with 304 Not
+Modified. Each run is cold: model, labels and images are downloaded every
+time (the classifier runs with --no-cache). Per run, in turn: the floor's
+model download, the classifier, and each peer, so that all share the
+machine's noise alike. With --cached, the classifier also runs with its
+download cache primed, as a repeated run would.
 
 Scenarios: task5 (the five task images), corpus (200 photos), scale (the
 corpus under 10 distinct query strings: 2000 URLs).
@@ -27,9 +30,11 @@ import http.server
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -60,6 +65,12 @@ def make_handler(delay, rate):
                 self.send_error(404)
                 return
             etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+            if self.headers.get("If-None-Match") == etag:
+                time.sleep(delay)
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.end_headers()
+                return
             status, first, last = 200, 0, len(body) - 1
             # Byte ranges as static hosts serve them: one range, honoured
             # unless If-Range names another version.
@@ -163,7 +174,7 @@ def one_batch(binary):
     birds = FIXTURES / "birds"
     times = []
     for _ in range(3):
-        _, _, _, err, code = run_measured([binary, "--model", str(birds / "model.tflite"), "--labels",
+        _, _, _, err, code = run_measured([binary, "--no-cache", "--model", str(birds / "model.tflite"), "--labels",
                                            str(birds / "labels.csv"), str(birds / "images" / TASK5[3])])
         if code != 0:
             sys.exit(f"classifier exited {code}:\n{err}")
@@ -192,6 +203,10 @@ def main():
     p.add_argument("--peers", default="litert,sequential",
                    help="comma-separated peers to run beside the classifier: litert, sequential, or none "
                         "(sequential runs only in task5: it downloads the model once per image)")
+    p.add_argument("--cached", action="store_true",
+                   help="also run the classifier with its download cache primed (model and labels kept from "
+                        "a run before the measured ones), as classifier_cached; the classifier itself "
+                        "always runs cold, with --no-cache")
     p.add_argument("--shards", type=int, default=0,
                    help="scale-out: run N processes at once, process i with --shard i/N --threads 1, "
                         "pinned to CPU i mod (number of CPUs); compare with --shards 1")
@@ -208,13 +223,20 @@ def main():
     }[args.scenario]
     model, labels = f"{base}/birds/model.tflite", f"{base}/birds/labels.csv"
     tool = [args.binary, "--model", model, "--labels", labels, "--format", "json", "--sources-file", "-"]
+    cache_dir = tempfile.mkdtemp(prefix="classifier-bench-cache-")
+    cached_tool = [*tool, "--cache-dir", cache_dir]
+    tool.append("--no-cache")
     peers = [name for name in args.peers.split(",") if name not in ("", "none")]
     if args.scenario != "task5" and "sequential" in peers:
         peers.remove("sequential")
-    contenders = {"classifier": None, **{f"peer_{name}": [sys.executable, str(ROOT / "bench" / f"peer_{name}.py"),
+    contenders = {"classifier": None, **({"classifier_cached": cached_tool} if args.cached else {}), **{f"peer_{name}": [sys.executable, str(ROOT / "bench" / f"peer_{name}.py"),
                                                           "--model", model, "--labels", labels, *images]
                                          for name in peers}}
     batch = one_batch(args.binary)
+    if args.cached:
+        _, _, _, err, code = run_measured(cached_tool, "\n".join(images) + "\n")
+        if code != 0:
+            sys.exit(f"priming the cache: classifier exited {code}:\n{err}")
     sources = "\n".join(images) + "\n"
     walls = {name: [] for name in contenders}
     rss = {name: [] for name in contenders}
@@ -231,6 +253,11 @@ def main():
                     sys.exit(f"run {i}: classifier exited {code}:\n{err}")
                 check_output(name, out, len(images))
                 last_err = err
+            elif name == "classifier_cached":
+                wall, peak, out, err, code = run_measured(cmd, sources)
+                if code != 0 or err.count("unchanged since it was cached") != 2:
+                    sys.exit(f"run {i}: classifier_cached exited {code}, or its cache was not used:\n{err}")
+                check_output(name, out, len(images))
             else:
                 wall, peak, out, err, code = run_measured(cmd)
                 if code != 0:
@@ -245,6 +272,7 @@ def main():
                         times.append(float(found[1]))
             walls[name].append(wall)
             rss[name].append(peak)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     n = len(images)
     floor = statistics.median(floor_downloads) + batch
     print(f"scenario {args.scenario}: {n} images, {args.runs} runs, delay {args.delay_ms:g} ms, "

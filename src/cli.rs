@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
+use crate::cache::Cache;
 use crate::render::Format;
 
 /// Kaggle's download endpoint for Google's AIY birds V1 classifier, version
@@ -79,6 +80,20 @@ pub struct Args {
     /// prepare the model. [default: the number of CPUs]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: Option<u32>,
+
+    /// Keep the model and the label map in this folder between runs: a later
+    /// run asks their server only whether they changed, and uses the kept
+    /// copy if the server cannot be reached. [default: the user's cache
+    /// folder, such as ~/.cache/classifier]
+    #[arg(long, value_name = "PATH", env = "CLASSIFIER_CACHE_DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
+
+    /// Download the model and the label map afresh, neither reading nor
+    /// writing the cache. CLASSIFIER_NO_CACHE=1 (or true, yes, on) does the
+    /// same.
+    #[arg(long, env = "CLASSIFIER_NO_CACHE", hide_env_values = true,
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_cache: bool,
 
     /// Largest image accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
@@ -156,6 +171,16 @@ impl Args {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.timeout)
+    }
+
+    /// Where downloads of the model and labels are kept: `--cache-dir`, else
+    /// the user's cache folder; none with `--no-cache`.
+    pub fn cache(&self) -> Option<Cache> {
+        match (&self.cache_dir, self.no_cache) {
+            (_, true) => None,
+            (Some(dir), false) => Some(Cache::new(dir)),
+            (None, false) => Cache::in_default_dir(),
+        }
     }
 
     /// The shard to classify: `--shard`, else the Indexed Job's.

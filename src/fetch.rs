@@ -4,9 +4,13 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_RANGE, ETAG, HeaderValue, IF_RANGE, LAST_MODIFIED, RANGE};
+use reqwest::header::{
+    ACCEPT_ENCODING, CONTENT_RANGE, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    LAST_MODIFIED, RANGE,
+};
 use reqwest::{Client, Response, StatusCode};
 
+use crate::cache::{Cache, Version};
 use crate::source::Source;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,25 @@ pub enum FetchError {
     Http(String),
     #[error("cannot read file: {0}")]
     File(std::io::Error),
+}
+
+impl FetchError {
+    /// Whether the host could not be reached or could not answer, rather
+    /// than refusing the request.
+    fn is_unreachable(&self) -> bool {
+        match self {
+            FetchError::Timeout(_) | FetchError::Connect(_) => true,
+            FetchError::Status(status) => status.is_server_error(),
+            _ => false,
+        }
+    }
+}
+
+/// A file as downloaded, with what identifies its version.
+#[derive(Debug)]
+struct Download {
+    bytes: Bytes,
+    version: Version,
 }
 
 fn status_text(status: StatusCode) -> String {
@@ -50,8 +73,68 @@ pub fn client(timeout: Duration) -> reqwest::Result<Client> {
 pub async fn fetch(client: &Client, timeout: Duration, source: &Source, limit: u64) -> Result<Bytes, FetchError> {
     match source {
         Source::Path(path) => read_file(path, limit).await,
-        Source::Url(url) => read_whole(send(client.get(url.clone()), timeout).await?, limit, timeout).await,
+        Source::Url(url) => Ok(get(client.get(url.clone()), timeout, limit).await?.bytes),
     }
+}
+
+/// Fetches `source`, a large one over up to `connections` connections in
+/// byte ranges (see `fetch_parallel`), through `cache` when there is one. A URL kept from an earlier run is asked for only if it changed
+/// since (`If-None-Match`, `If-Modified-Since`): unchanged, the kept copy is
+/// used; changed, the new one comes in one plain request and is kept in its
+/// place. When the host cannot be reached, or fails to answer, the kept copy
+/// is used, with a warning. A download whose server gives no ETag nor
+/// modification date is not kept: it could never be revalidated.
+pub async fn fetch_kept(
+    client: &Client,
+    timeout: Duration,
+    source: &Source,
+    limit: u64,
+    connections: usize,
+    cache: Option<&Cache>,
+) -> Result<Bytes, FetchError> {
+    let (Source::Url(url), Some(cache)) = (source, cache) else {
+        return fetch_parallel(client, timeout, source, limit, connections).await.map(|d| d.bytes);
+    };
+    let kept = {
+        let (cache, url) = (cache.clone(), url.to_string());
+        tokio::task::spawn_blocking(move || cache.load(&url)).await.ok().flatten()
+    };
+    let kept = kept.filter(|kept| kept.version.is_known() && kept.bytes.len() as u64 <= limit);
+    let download = match kept {
+        None => fetch_parallel(client, timeout, source, limit, connections).await?,
+        Some(kept) => {
+            let mut request = client.get(url.clone());
+            if let Some(etag) = &kept.version.etag {
+                request = request.header(IF_NONE_MATCH, etag);
+            }
+            if let Some(date) = &kept.version.last_modified {
+                request = request.header(IF_MODIFIED_SINCE, date);
+            }
+            match get(request, timeout, limit).await {
+                Err(FetchError::Status(StatusCode::NOT_MODIFIED)) => {
+                    tracing::info!(%source, "unchanged since it was cached");
+                    return Ok(kept.bytes);
+                }
+                Err(e) if e.is_unreachable() => {
+                    tracing::warn!(%source, "{e}; using the copy cached in {}", cache.dir().display());
+                    return Ok(kept.bytes);
+                }
+                download => download?,
+            }
+        }
+    };
+    if download.version.is_known() {
+        let (kept, url, bytes, version) = (cache.clone(), url.to_string(), download.bytes.clone(), download.version);
+        // Awaited, not left running: the process may exit as soon as the
+        // results are out. A few milliseconds for a model.
+        let stored = tokio::task::spawn_blocking(move || kept.store(&url, &bytes, &version)).await;
+        match stored {
+            Ok(Ok(())) => tracing::debug!(%source, "cached in {}", cache.dir().display()),
+            Ok(Err(e)) => tracing::warn!(%source, "cannot cache it in {}: {e}", cache.dir().display()),
+            Err(e) => tracing::warn!(%source, "cannot cache it: {e}"),
+        }
+    }
+    Ok(download.bytes)
 }
 
 /// Bytes one range carries. The first ranges are asked for at once, before
@@ -71,15 +154,21 @@ const PART_BYTES: u64 = 1 << 20;
 /// new ranges pinned with `If-Range` to that version, and every part must
 /// carry the same ETag or modification date as the first. Should anything
 /// not fit, the file is fetched again in one plain request.
-pub async fn fetch_parallel(
+async fn fetch_parallel(
     client: &Client,
     timeout: Duration,
     source: &Source,
     limit: u64,
     connections: usize,
-) -> Result<Bytes, FetchError> {
-    let Source::Url(url) = source else { return fetch(client, timeout, source, limit).await };
-    let connections = connections.max(1) as u64;
+) -> Result<Download, FetchError> {
+    let url = match source {
+        Source::Url(url) if connections > 1 => url,
+        Source::Url(url) => return get(client.get(url.clone()), timeout, limit).await,
+        Source::Path(path) => {
+            return Ok(Download { bytes: read_file(path, limit).await?, version: Version::default() });
+        }
+    };
+    let connections = connections as u64;
     let wave: Vec<(u64, u64)> = (1..connections).map(|i| (i * PART_BYTES, (i + 1) * PART_BYTES)).collect();
     let first_wave = futures::future::join_all(
         wave.iter().map(|&(start, end)| fetch_range(client, url.clone(), start, end, None, timeout)),
@@ -94,9 +183,10 @@ pub async fn fetch_parallel(
             Err(FetchError::Status(StatusCode::RANGE_NOT_SATISFIABLE)) => return Ok(Head::Plain),
             first => first?,
         };
+        let version = version(first.headers());
         if first.status() != StatusCode::PARTIAL_CONTENT {
             // No Range support: this is the whole file.
-            return Ok(Head::Whole(read_whole(first, limit, timeout).await?));
+            return Ok(Head::Whole(Download { bytes: read_whole(first, limit, timeout).await?, version }));
         }
         let total = match content_range(&first) {
             Some((0, last, total)) if last + 1 == PART_BYTES.min(total) => total,
@@ -131,13 +221,14 @@ pub async fn fetch_parallel(
         if body.len() as u64 != first_part {
             return Ok(Head::Plain);
         }
-        Ok(Head::Ranged { body, total, validator, tail })
+        Ok(Head::Ranged { body, total, validator, version, tail })
     };
     let (wave_parts, head) = futures::join!(first_wave, head);
-    let (mut body, total, validator, tail) = match head? {
-        Head::Whole(body) => return Ok(body),
-        Head::Plain => return fetch(client, timeout, source, limit).await,
-        Head::Ranged { body, total, validator, tail } => (body, total, validator, tail),
+    let plain = || get(client.get(url.clone()), timeout, limit);
+    let (mut body, total, validator, version, tail) = match head? {
+        Head::Whole(download) => return Ok(download),
+        Head::Plain => return plain().await,
+        Head::Ranged { body, total, validator, version, tail } => (body, total, validator, version, tail),
     };
     // The first wave's parts that fall inside the file, then the tail.
     let needed = wave.iter().zip(wave_parts).filter(|((start, _), _)| *start < total).map(|(_, part)| part);
@@ -152,11 +243,11 @@ pub async fn fetch_parallel(
         Ok(parts) => {
             tracing::debug!(%source, ranges = parts.len() + 1, "fetched in byte ranges");
             parts.iter().for_each(|part| body.extend_from_slice(&part.body));
-            Ok(body.freeze())
+            Ok(Download { bytes: body.freeze(), version })
         }
         Err(e) => {
             tracing::debug!(%source, "fetching in byte ranges failed ({e}), fetching it whole");
-            fetch(client, timeout, source, limit).await
+            plain().await
         }
     }
 }
@@ -164,9 +255,15 @@ pub async fn fetch_parallel(
 /// The answer to the first request of `fetch_parallel`.
 enum Head {
     /// The server ignored the range and sent the whole file.
-    Whole(Bytes),
+    Whole(Download),
     /// The first part is in `body`; the others are in `tail` or on their way.
-    Ranged { body: BytesMut, total: u64, validator: Option<HeaderValue>, tail: Vec<Result<Option<Part>, FetchError>> },
+    Ranged {
+        body: BytesMut,
+        total: u64,
+        validator: Option<HeaderValue>,
+        version: Version,
+        tail: Vec<Result<Option<Part>, FetchError>>,
+    },
     /// The answer does not fit a ranged fetch: fetch the file whole.
     Plain,
 }
@@ -232,6 +329,13 @@ async fn send(request: reqwest::RequestBuilder, timeout: Duration) -> Result<Res
     Ok(response)
 }
 
+/// Sends `request` and reads the whole answer, refused past `limit` bytes.
+async fn get(request: reqwest::RequestBuilder, timeout: Duration, limit: u64) -> Result<Download, FetchError> {
+    let response = send(request, timeout).await?;
+    let version = version(response.headers());
+    Ok(Download { bytes: read_whole(response, limit, timeout).await?, version })
+}
+
 /// The whole body of `response`, refused past `limit` bytes.
 async fn read_whole(response: Response, limit: u64, timeout: Duration) -> Result<Bytes, FetchError> {
     let declared = response.content_length();
@@ -275,18 +379,25 @@ fn validator(response: &Response) -> Option<HeaderValue> {
     headers.get(ETAG).filter(|etag| !etag.as_bytes().starts_with(b"W/")).or_else(|| headers.get(LAST_MODIFIED)).cloned()
 }
 
-/// Fetches the first of `sources` that answers, each over up to
-/// `connections` connections, logging each fallback.
+/// The ETag and the modification date a server gave a file.
+fn version(headers: &HeaderMap) -> Version {
+    let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
+    Version { etag: text(ETAG), last_modified: text(LAST_MODIFIED) }
+}
+
+/// Fetches the first of `sources` that answers, as [`fetch_kept`] does,
+/// logging each fallback.
 pub async fn fetch_first(
     client: &Client,
     timeout: Duration,
     sources: &[Source],
     limit: u64,
     connections: usize,
+    cache: Option<&Cache>,
 ) -> anyhow::Result<Bytes> {
     let mut errors = vec![];
     for (i, source) in sources.iter().enumerate() {
-        match fetch_parallel(client, timeout, source, limit, connections).await {
+        match fetch_kept(client, timeout, source, limit, connections, cache).await {
             Ok(bytes) => return Ok(bytes),
             Err(e) => {
                 if let Some(next) = sources.get(i + 1) {
@@ -336,9 +447,9 @@ mod tests {
         let timeout = Duration::from_secs(5);
         let client = client(timeout).unwrap();
         let url = |p: &str| Source::parse(&format!("{}/{p}", server.uri())).unwrap();
-        let bytes = fetch_first(&client, timeout, &[url("kaggle"), url("tfhub")], 100, 4).await.unwrap();
+        let bytes = fetch_first(&client, timeout, &[url("kaggle"), url("tfhub")], 100, 4, None).await.unwrap();
         assert_eq!(&bytes[..], b"model");
-        let err = fetch_first(&client, timeout, &[url("kaggle"), url("missing")], 100, 4).await.unwrap_err();
+        let err = fetch_first(&client, timeout, &[url("kaggle"), url("missing")], 100, 4, None).await.unwrap_err();
         assert!(err.to_string().ends_with("/missing: HTTP 404 Not Found"), "{err}");
         assert!(err.to_string().contains("/kaggle: HTTP 403 Forbidden"), "{err}");
     }
@@ -363,13 +474,26 @@ mod tests {
     /// `ranges` says so) and pinned by ETag, or the whole file for a Range
     /// request that does not fit.
     fn file_server(body: Vec<u8>, ranges: impl Fn(u64) -> bool + Send + Sync + 'static) -> impl wiremock::Respond {
+        versioned_file_server(body, "\"v1\"", ranges)
+    }
+
+    /// `file_server` for the version named by `etag`, answering 304 Not
+    /// Modified to a request that names it in If-None-Match.
+    fn versioned_file_server(
+        body: Vec<u8>,
+        etag: &'static str,
+        ranges: impl Fn(u64) -> bool + Send + Sync + 'static,
+    ) -> impl wiremock::Respond {
         move |request: &wiremock::Request| {
-            let whole = ResponseTemplate::new(200).insert_header("etag", "\"v1\"").set_body_bytes(body.clone());
+            if request.headers.get("if-none-match").is_some_and(|v| v == etag) {
+                return ResponseTemplate::new(304).insert_header("etag", etag);
+            }
+            let whole = ResponseTemplate::new(200).insert_header("etag", etag).set_body_bytes(body.clone());
             let Some(range) = request.headers.get("range").and_then(|v| v.to_str().ok()) else { return whole };
             let (first, last) = range.strip_prefix("bytes=").unwrap().split_once('-').unwrap();
             let first: u64 = first.parse().unwrap();
             let last: u64 = if last.is_empty() { body.len() as u64 - 1 } else { last.parse().unwrap() };
-            if !ranges(first) || request.headers.get("if-range").is_some_and(|v| v != "\"v1\"") {
+            if !ranges(first) || request.headers.get("if-range").is_some_and(|v| v != etag) {
                 return whole;
             }
             if first >= body.len() as u64 {
@@ -377,7 +501,7 @@ mod tests {
             }
             let last = last.min(body.len() as u64 - 1);
             ResponseTemplate::new(206)
-                .insert_header("etag", "\"v1\"")
+                .insert_header("etag", etag)
                 .insert_header("content-range", format!("bytes {first}-{last}/{}", body.len()))
                 .set_body_bytes(body[first as usize..=last as usize].to_vec())
         }
@@ -414,7 +538,7 @@ mod tests {
             let body = model_bytes(len);
             Mock::given(path("/model")).respond_with(file_server(body.clone(), |_| true)).mount(&server).await;
             let model = Source::parse(&format!("{}/model", server.uri())).unwrap();
-            let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap();
+            let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap().bytes;
             assert!(fetched == body, "{len} bytes: the ranges were put together wrong");
             let requests = server.received_requests().await.unwrap();
             let mut ranges: Vec<&str> = requests.iter().map(|r| r.headers["range"].to_str().unwrap()).collect();
@@ -440,14 +564,97 @@ mod tests {
         let client = client(timeout).unwrap();
         for name in ["plain", "changed"] {
             let model = Source::parse(&format!("{}/{name}", server.uri())).unwrap();
-            let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap();
+            let fetched = fetch_parallel(&client, timeout, &model, 1 << 30, 4).await.unwrap().bytes;
             assert!(fetched == body, "{name}: wrong body");
         }
         // An empty file cannot answer a range: it is fetched plainly.
         Mock::given(path("/empty")).respond_with(file_server(vec![], |_| true)).mount(&server).await;
         let empty = Source::parse(&format!("{}/empty", server.uri())).unwrap();
-        assert!(fetch_parallel(&client, timeout, &empty, 1 << 30, 4).await.unwrap().is_empty());
+        assert!(fetch_parallel(&client, timeout, &empty, 1 << 30, 4).await.unwrap().bytes.is_empty());
         let small = Source::parse(&format!("{}/plain", server.uri())).unwrap();
         assert!(matches!(fetch_parallel(&client, timeout, &small, 100, 4).await, Err(FetchError::TooLarge { .. })));
+    }
+
+    fn scratch_cache(name: &str) -> Cache {
+        let dir = std::env::temp_dir().join(format!("classifier-fetch-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Cache::new(dir)
+    }
+
+    #[tokio::test]
+    async fn a_cached_file_is_revalidated_replaced_and_used_offline() {
+        let server = MockServer::start().await;
+        let timeout = Duration::from_secs(5);
+        let client = client(timeout).unwrap();
+        let cache = scratch_cache("revalidate");
+        let v1 = model_bytes(3_000_000);
+        Mock::given(path("/model"))
+            .respond_with(versioned_file_server(v1.clone(), "\"v1\"", |_| true))
+            .mount(&server)
+            .await;
+        let model = Source::parse(&format!("{}/model", server.uri())).unwrap();
+        let url = format!("{}/model", server.uri());
+        let fetch = || fetch_kept(&client, timeout, &model, 1 << 30, 4, Some(&cache));
+
+        // The first run downloads in ranges and keeps the file with its ETag.
+        assert!(fetch().await.unwrap() == v1);
+        let kept = cache.load(&url).expect("the download was not kept");
+        assert!(kept.bytes == v1);
+        assert_eq!(kept.version.etag.as_deref(), Some("\"v1\""));
+
+        // The next asks only whether it changed: one request, no body.
+        server.reset().await;
+        Mock::given(path("/model"))
+            .respond_with(versioned_file_server(v1.clone(), "\"v1\"", |_| true))
+            .mount(&server)
+            .await;
+        assert!(fetch().await.unwrap() == v1);
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].headers["if-none-match"], "\"v1\"");
+        assert!(requests[0].headers.get("range").is_none());
+
+        // A new version replaces the kept one.
+        server.reset().await;
+        let v2 = model_bytes(1000);
+        Mock::given(path("/model"))
+            .respond_with(versioned_file_server(v2.clone(), "\"v2\"", |_| true))
+            .mount(&server)
+            .await;
+        assert!(fetch().await.unwrap() == v2);
+        assert_eq!(cache.load(&url).unwrap().version.etag.as_deref(), Some("\"v2\""));
+
+        // A server that fails, or a host that is gone, leaves the kept copy;
+        // one that says the file is gone does not.
+        server.reset().await;
+        Mock::given(path("/model")).respond_with(ResponseTemplate::new(503)).mount(&server).await;
+        assert!(fetch().await.unwrap() == v2);
+        server.reset().await;
+        Mock::given(path("/model")).respond_with(ResponseTemplate::new(404)).mount(&server).await;
+        assert!(matches!(fetch().await, Err(FetchError::Status(StatusCode::NOT_FOUND))));
+        // A port where nothing listens.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let url = format!("http://{gone}/model");
+        cache.store(&url, &v2, &Version { etag: Some("\"v2\"".into()), last_modified: None }).unwrap();
+        let model = Source::parse(&url).unwrap();
+        assert!(fetch_kept(&client, timeout, &model, 1 << 30, 4, Some(&cache)).await.unwrap() == v2);
+        std::fs::remove_dir_all(cache.dir()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_without_a_version_is_not_kept() {
+        let server = MockServer::start().await;
+        Mock::given(path("/labels.csv"))
+            .respond_with(ResponseTemplate::new(200).set_body_string("id,name\n0,robin\n"))
+            .mount(&server)
+            .await;
+        let timeout = Duration::from_secs(5);
+        let client = client(timeout).unwrap();
+        let cache = scratch_cache("unversioned");
+        let labels = Source::parse(&format!("{}/labels.csv", server.uri())).unwrap();
+        let bytes = fetch_kept(&client, timeout, &labels, 1000, 1, Some(&cache)).await.unwrap();
+        assert_eq!(&bytes[..], b"id,name\n0,robin\n");
+        assert!(cache.load(&format!("{}/labels.csv", server.uri())).is_none());
+        let _ = std::fs::remove_dir_all(cache.dir());
     }
 }

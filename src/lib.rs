@@ -3,9 +3,11 @@
 //!
 //! The modules are the stages, in the order data flows through them:
 //! [`source`] → [`fetch`] → [`preprocess`] → [`model`] (run in batches by
-//! [`pipeline`]) → [`rank`] → [`render`]. [`labels`] reads the label map and
-//! [`cli`] the command line.
+//! [`pipeline`]) → [`rank`] → [`render`]. [`labels`] reads the label map,
+//! [`cache`] keeps the model and labels between runs, and [`cli`] reads the
+//! command line.
 
+pub mod cache;
 pub mod cli;
 pub mod fetch;
 pub mod labels;

@@ -74,6 +74,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
         return Ok(Summary { classified: 0, failed: 0 });
     }
     let client = fetch::client(timeout).context("cannot set up the HTTP client")?;
+    let cache = args.cache();
     let stats = Arc::new(Mutex::new(Stats::default()));
 
     // Each source as given, and the distinct sources to fetch: a URL given
@@ -101,12 +102,19 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     let (size_tx, size_rx) = watch::channel(input_hint);
 
     let model_task = {
-        let (client, stats) = (client.clone(), stats.clone());
+        let (client, stats, cache) = (client.clone(), stats.clone(), cache.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let bytes = fetch::fetch_first(&client, timeout, &model_sources, MAX_MODEL_BYTES, MODEL_CONNECTIONS)
-                .instrument(info_span!("model_download"))
-                .await?;
+            let bytes = fetch::fetch_first(
+                &client,
+                timeout,
+                &model_sources,
+                MAX_MODEL_BYTES,
+                MODEL_CONNECTIONS,
+                cache.as_ref(),
+            )
+            .instrument(info_span!("model_download"))
+            .await?;
             stats.lock().unwrap().model_download = t.elapsed();
             let t = Instant::now();
             let model = tokio::task::spawn_blocking(move || {
@@ -130,7 +138,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
         let client = client.clone();
         tokio::spawn(
             async move {
-                let bytes = fetch::fetch(&client, timeout, &labels_source, MAX_LABELS_BYTES)
+                let bytes = fetch::fetch_kept(&client, timeout, &labels_source, MAX_LABELS_BYTES, 1, cache.as_ref())
                     .await
                     .with_context(|| format!("cannot fetch the labels {labels_source}"))?;
                 Labels::parse(&bytes).with_context(|| format!("cannot read the labels {labels_source}"))

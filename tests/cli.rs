@@ -54,6 +54,9 @@ async fn run(args: Vec<String>) -> Output {
         std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
             .args(&args)
             .env_remove("RUST_LOG")
+            // Never the user's own cache; a test that wants one names it.
+            .env("CLASSIFIER_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
+            .env_remove("CLASSIFIER_NO_CACHE")
             .output()
             .unwrap()
     })
@@ -263,6 +266,53 @@ async fn a_model_in_a_tar_gz_is_found_by_content() {
     .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8(out.stdout).unwrap().contains("\"label\":\"red\""));
+}
+
+/// A file with an ETag, answering 304 Not Modified to a request naming it.
+fn versioned(body: Vec<u8>) -> impl wiremock::Respond {
+    move |request: &wiremock::Request| {
+        if request.headers.get("if-none-match").is_some_and(|v| v == "\"1\"") {
+            ResponseTemplate::new(304).insert_header("etag", "\"1\"")
+        } else {
+            ResponseTemplate::new(200).insert_header("etag", "\"1\"").set_body_bytes(body.clone())
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_model_and_labels_are_kept_between_runs() {
+    let server = MockServer::start().await;
+    for (at, file) in [("/model.tflite", "mock_model.tflite"), ("/labels.csv", "mock_labels.csv")] {
+        Mock::given(path(at)).respond_with(versioned(std::fs::read(fixture(file)).unwrap())).mount(&server).await;
+    }
+    serve(&server, "/red.png", png(RED)).await;
+    let red = format!("{}/red.png", server.uri());
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kept-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let cache_dir = cache.display().to_string();
+
+    // --no-cache neither reads nor writes, whatever the folder.
+    let (code, _, stderr) = classify(&server, &["--no-cache", "--cache-dir", &cache_dir, &red]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!cache.exists());
+
+    let (code, records, stderr) = classify(&server, &["--cache-dir", &cache_dir, &red]).await;
+    assert_eq!((code, top1(&records[0]).0), (0, "red"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2, "the model and the labels are kept");
+
+    // The next run downloads neither: it only asks whether they changed.
+    server.reset().await;
+    for (at, file) in [("/model.tflite", "mock_model.tflite"), ("/labels.csv", "mock_labels.csv")] {
+        Mock::given(path(at)).respond_with(versioned(std::fs::read(fixture(file)).unwrap())).mount(&server).await;
+    }
+    serve(&server, "/red.png", png(RED)).await;
+    let (code, records, stderr) = classify(&server, &["--cache-dir", &cache_dir, &red]).await;
+    assert_eq!((code, top1(&records[0]).0), (0, "red"), "{stderr}");
+    assert_eq!(stderr.matches("unchanged since it was cached").count(), 2, "{stderr}");
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.headers.contains_key("if-none-match")).count(), 2);
+    std::fs::remove_dir_all(&cache).unwrap();
 }
 
 /// Runs with a broken model or labels: exit 2, nothing on stdout, and the
