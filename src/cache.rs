@@ -3,10 +3,11 @@
 //! Last-Modified), so that a later run asks only whether it changed.
 //!
 //! One file per URL, named by a hash of the URL: a line of JSON (the URL,
-//! the version, the length), then the bytes as downloaded. Files are written
-//! whole under a temporary name and renamed into place, so processes sharing
-//! the folder never read a half-written copy; a copy that does not match its
-//! header (another URL, a short file) is ignored.
+//! the version, the length and CRC-32 of the bytes), then the bytes as
+//! downloaded. Files are written whole under a temporary name and renamed
+//! into place, so processes sharing the folder never read a half-written
+//! copy; a copy that does not match its header (another URL, a short or
+//! damaged file) is ignored, and downloaded again.
 
 use std::hash::Hasher;
 use std::io::Write;
@@ -19,6 +20,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
+    /// Whether the user named the folder: only then is failing to write to
+    /// it worth a warning.
+    named: bool,
 }
 
 /// What identifies one version of a file, as its server gave it.
@@ -48,38 +52,52 @@ struct Header {
     #[serde(flatten)]
     version: Version,
     len: u64,
+    crc32: u32,
 }
 
 impl Cache {
+    /// The folder the user named.
     pub fn new(dir: impl Into<PathBuf>) -> Cache {
-        Cache { dir: dir.into() }
+        Cache { dir: dir.into(), named: true }
     }
 
     /// The user's cache folder for this tool (`$XDG_CACHE_HOME/classifier`,
-    /// `~/.cache/classifier`, or the platform's equivalent), if there is one
-    /// and it can be made. A container without a home has none: the run then
-    /// goes without a cache, which a one-shot job would not reuse anyway.
+    /// `~/.cache/classifier`, or the platform's equivalent), if there is one.
+    /// It is made on the first download kept; where it cannot be (a
+    /// container whose user has no home), runs go without a cache, which a
+    /// one-shot job would not reuse anyway.
     pub fn in_default_dir() -> Option<Cache> {
-        let dir = dirs::cache_dir()?.join(env!("CARGO_PKG_NAME"));
-        match std::fs::create_dir_all(&dir) {
-            Ok(()) => Some(Cache::new(dir)),
-            Err(e) => {
-                tracing::debug!("no download cache: cannot make {}: {e}", dir.display());
-                None
-            }
-        }
+        Some(Cache { dir: dirs::cache_dir()?.join(env!("CARGO_PKG_NAME")), named: false })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// Whether the user named the folder (`--cache-dir`), rather than it
+    /// being the default one.
+    pub fn is_named(&self) -> bool {
+        self.named
+    }
+
     /// The copy of `url` kept here, if there is a whole one. Blocking.
     pub fn load(&self, url: &str) -> Option<Entry> {
-        let mut data = std::fs::read(self.path(url)).ok()?;
-        let end = data.iter().position(|&b| b == b'\n')?;
-        let header: Header = serde_json::from_slice(&data[..end]).ok()?;
-        if header.url != url || (data.len() - end - 1) as u64 != header.len {
+        let path = self.path(url);
+        let mut data = std::fs::read(&path).ok()?;
+        let header = data
+            .iter()
+            .position(|&b| b == b'\n')
+            .and_then(|end| Some((end, serde_json::from_slice::<Header>(&data[..end]).ok()?)));
+        let Some((end, header)) = header else {
+            tracing::warn!("ignoring {}: not a cached download", path.display());
+            return None;
+        };
+        if header.url != url {
+            return None;
+        }
+        let body = &data[end + 1..];
+        if body.len() as u64 != header.len || crc32fast::hash(body) != header.crc32 {
+            tracing::warn!("ignoring the cached copy of {url} in {}: it is damaged", path.display());
             return None;
         }
         // The bytes stay where they were read, after the header.
@@ -87,18 +105,37 @@ impl Cache {
         Some(Entry { bytes, version: header.version })
     }
 
+    /// Forgets the copy of `url`, if there is one. Blocking.
+    pub fn remove(&self, url: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(url)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            removed => removed,
+        }
+    }
+
     /// Keeps `bytes` as the copy of `url` at `version`, replacing any older
     /// one. Blocking.
     pub fn store(&self, url: &str, bytes: &[u8], version: &Version) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
+        self.remove_abandoned();
         let path = self.path(url);
         // Unique per process and call, so concurrent writers never share one.
         static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let temporary = path.with_extension(format!("{}-{n}.partial", std::process::id()));
-        let header = Header { url: url.to_string(), version: version.clone(), len: bytes.len() as u64 };
+        let header = Header {
+            url: url.to_string(),
+            version: version.clone(),
+            len: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        };
         let write = || -> std::io::Result<()> {
-            let mut file = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            // The header names the URL, which may carry a token.
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = std::io::BufWriter::new(options.open(&temporary)?);
             serde_json::to_writer(&mut file, &header)?;
             file.write_all(b"\n")?;
             file.write_all(bytes)?;
@@ -108,6 +145,19 @@ impl Cache {
         write().inspect_err(|_| {
             let _ = std::fs::remove_file(&temporary);
         })
+    }
+
+    /// Removes what writers killed halfway left behind: temporary files
+    /// older than an hour, far longer than any write takes.
+    fn remove_abandoned(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if path.extension().is_some_and(|e| e == "partial") && old.is_some_and(|age| age.as_secs() > 3600) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     fn path(&self, url: &str) -> PathBuf {
@@ -160,8 +210,42 @@ mod tests {
         let whole = std::fs::read(&path).unwrap();
         std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
         assert!(cache.load(url).is_none(), "a short copy was used");
+        let mut flipped = whole.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(cache.load(url).is_none(), "a damaged copy was used");
+        std::fs::write(&path, &whole).unwrap();
+        assert!(cache.load(url).is_some(), "the whole copy was refused");
         std::fs::write(&path, b"not a header\nid,name\n").unwrap();
         assert!(cache.load(url).is_none(), "a copy without a header was used");
+        std::fs::remove_dir_all(cache.dir()).unwrap();
+    }
+
+    #[test]
+    fn what_a_killed_writer_left_is_cleared_once_old() {
+        let cache = scratch("abandoned");
+        std::fs::create_dir_all(cache.dir()).unwrap();
+        let (old, fresh) = (cache.dir().join("0123.77-0.partial"), cache.dir().join("4567.78-0.partial"));
+        for path in [&old, &fresh] {
+            std::fs::write(path, b"half").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+        cache.store("https://example.org/m", b"m", &Version::default()).unwrap();
+        assert!(!old.exists(), "an abandoned write was left");
+        assert!(fresh.exists(), "a write that may be under way was removed");
+        std::fs::remove_dir_all(cache.dir()).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn copies_are_private_to_their_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let cache = scratch("private");
+        let url = "https://example.org/m?token=secret";
+        cache.store(url, b"m", &Version::default()).unwrap();
+        let mode = std::fs::metadata(cache.path(url)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
         std::fs::remove_dir_all(cache.dir()).unwrap();
     }
 

@@ -23,6 +23,8 @@ pub enum FetchError {
     Connect(String),
     #[error("body larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("body interrupted: {0}")]
+    Interrupted(String),
     #[error("{0}")]
     Http(String),
     #[error("cannot read file: {0}")]
@@ -34,8 +36,12 @@ impl FetchError {
     /// than refusing the request.
     fn is_unreachable(&self) -> bool {
         match self {
-            FetchError::Timeout(_) | FetchError::Connect(_) => true,
-            FetchError::Status(status) => status.is_server_error(),
+            FetchError::Timeout(_) | FetchError::Connect(_) | FetchError::Interrupted(_) => true,
+            FetchError::Status(status) => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
             _ => false,
         }
     }
@@ -78,12 +84,14 @@ pub async fn fetch(client: &Client, timeout: Duration, source: &Source, limit: u
 }
 
 /// Fetches `source`, a large one over up to `connections` connections in
-/// byte ranges (see `fetch_parallel`), through `cache` when there is one. A URL kept from an earlier run is asked for only if it changed
-/// since (`If-None-Match`, `If-Modified-Since`): unchanged, the kept copy is
+/// byte ranges (see `fetch_parallel`), through `cache` when there is one.
+/// A URL kept from an earlier run is asked for only if it changed since (`If-None-Match`, `If-Modified-Since`): unchanged, the kept copy is
 /// used; changed, the new one comes in one plain request and is kept in its
 /// place. When the host cannot be reached, or fails to answer, the kept copy
-/// is used, with a warning. A download whose server gives no ETag nor
-/// modification date is not kept: it could never be revalidated.
+/// is used, with a warning (it is unreachable, times out, breaks off, is
+/// overloaded or fails with a 5xx); any other answer is final. A download
+/// whose server gives no ETag nor modification date is not kept, and
+/// replaces nothing: it could never be revalidated.
 pub async fn fetch_kept(
     client: &Client,
     timeout: Duration,
@@ -123,16 +131,26 @@ pub async fn fetch_kept(
             }
         }
     };
-    if download.version.is_known() {
-        let (kept, url, bytes, version) = (cache.clone(), url.to_string(), download.bytes.clone(), download.version);
-        // Awaited, not left running: the process may exit as soon as the
-        // results are out. A few milliseconds for a model.
-        let stored = tokio::task::spawn_blocking(move || kept.store(&url, &bytes, &version)).await;
-        match stored {
-            Ok(Ok(())) => tracing::debug!(%source, "cached in {}", cache.dir().display()),
-            Ok(Err(e)) => tracing::warn!(%source, "cannot cache it in {}: {e}", cache.dir().display()),
-            Err(e) => tracing::warn!(%source, "cannot cache it: {e}"),
-        }
+    let (store, url, bytes, version) = (cache.clone(), url.to_string(), download.bytes.clone(), download.version);
+    let known = version.is_known();
+    // Awaited, not left running: the process may exit as soon as the
+    // results are out. A few milliseconds for a model.
+    let kept =
+        tokio::task::spawn_blocking(
+            move || {
+                if known { store.store(&url, &bytes, &version) } else { store.remove(&url) }
+            },
+        )
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|kept| kept);
+    match kept {
+        Ok(()) if known => tracing::debug!(%source, "cached in {}", cache.dir().display()),
+        Ok(()) => {}
+        // A folder the user named should work; the default one is a
+        // convenience that a read-only or home-less container lacks.
+        Err(e) if cache.is_named() => tracing::warn!(%source, "cannot cache it in {}: {e}", cache.dir().display()),
+        Err(e) => tracing::debug!(%source, "cannot cache it in {}: {e}", cache.dir().display()),
     }
     Ok(download.bytes)
 }
@@ -424,7 +442,7 @@ fn classify(e: reqwest::Error, timeout: Duration) -> FetchError {
     if e.is_connect() {
         FetchError::Connect(cause)
     } else if e.is_body() || e.is_decode() {
-        FetchError::Http(format!("body interrupted: {cause}"))
+        FetchError::Interrupted(cause)
     } else {
         FetchError::Http(cause)
     }
@@ -642,6 +660,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_modification_date_is_enough_to_revalidate() {
+        let server = MockServer::start().await;
+        let date = "Mon, 23 Nov 2026 10:00:00 GMT";
+        Mock::given(path("/labels.csv"))
+            .respond_with(move |request: &wiremock::Request| {
+                if request.headers.get("if-modified-since").is_some_and(|v| v == date) {
+                    return ResponseTemplate::new(304);
+                }
+                ResponseTemplate::new(200).insert_header("last-modified", date).set_body_string("id,name\n0,robin\n")
+            })
+            .mount(&server)
+            .await;
+        let timeout = Duration::from_secs(5);
+        let client = client(timeout).unwrap();
+        let cache = scratch_cache("last-modified");
+        let labels = Source::parse(&format!("{}/labels.csv", server.uri())).unwrap();
+        for _ in 0..2 {
+            let bytes = fetch_kept(&client, timeout, &labels, 1000, 1, Some(&cache)).await.unwrap();
+            assert_eq!(&bytes[..], b"id,name\n0,robin\n");
+        }
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(requests.len(), 2);
+        assert!(requests[0].headers.get("if-modified-since").is_none());
+        assert_eq!(requests[1].headers["if-modified-since"], date);
+        let _ = std::fs::remove_dir_all(cache.dir());
+    }
+
+    /// An HTTP server that answers every request with a promise of
+    /// `length` bytes, sends `sent`, and hangs up.
+    async fn breaking_server(length: usize, sent: &'static [u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = vec![0; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\netag: \"v2\"\r\n\r\n");
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(sent).await;
+            }
+        });
+        format!("http://{address}/model")
+    }
+
+    #[tokio::test]
+    async fn a_kept_copy_stands_in_for_a_broken_or_throttled_answer() {
+        let timeout = Duration::from_secs(5);
+        let client = client(timeout).unwrap();
+        let cache = scratch_cache("broken");
+        let kept = Version { etag: Some("\"v1\"".into()), last_modified: None };
+
+        let url = breaking_server(1000, b"partial").await;
+        let err = fetch(&client, timeout, &Source::parse(&url).unwrap(), 1 << 20).await.unwrap_err();
+        assert!(err.to_string().starts_with("body interrupted: "), "{err}");
+        cache.store(&url, b"kept", &kept).unwrap();
+        let bytes = fetch_kept(&client, timeout, &Source::parse(&url).unwrap(), 1 << 20, 4, Some(&cache)).await;
+        assert_eq!(&bytes.unwrap()[..], b"kept");
+
+        let server = MockServer::start().await;
+        Mock::given(path("/model")).respond_with(ResponseTemplate::new(429)).mount(&server).await;
+        let url = format!("{}/model", server.uri());
+        cache.store(&url, b"kept", &kept).unwrap();
+        let bytes = fetch_kept(&client, timeout, &Source::parse(&url).unwrap(), 1 << 20, 4, Some(&cache)).await;
+        assert_eq!(&bytes.unwrap()[..], b"kept");
+        let _ = std::fs::remove_dir_all(cache.dir());
+    }
+
+    #[tokio::test]
     async fn a_file_without_a_version_is_not_kept() {
         let server = MockServer::start().await;
         Mock::given(path("/labels.csv"))
@@ -654,7 +741,13 @@ mod tests {
         let labels = Source::parse(&format!("{}/labels.csv", server.uri())).unwrap();
         let bytes = fetch_kept(&client, timeout, &labels, 1000, 1, Some(&cache)).await.unwrap();
         assert_eq!(&bytes[..], b"id,name\n0,robin\n");
-        assert!(cache.load(&format!("{}/labels.csv", server.uri())).is_none());
+        let url = format!("{}/labels.csv", server.uri());
+        assert!(cache.load(&url).is_none());
+        // Nor does it leave an older, versioned copy to stand in for it later.
+        cache.store(&url, b"id,name\n0,wren\n", &Version { etag: Some("\"v0\"".into()), last_modified: None }).unwrap();
+        let bytes = fetch_kept(&client, timeout, &labels, 1000, 1, Some(&cache)).await.unwrap();
+        assert_eq!(&bytes[..], b"id,name\n0,robin\n");
+        assert!(cache.load(&url).is_none(), "the older copy was kept");
         let _ = std::fs::remove_dir_all(cache.dir());
     }
 }

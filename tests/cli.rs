@@ -50,6 +50,12 @@ async fn serve(server: &MockServer, at: &str, body: Vec<u8>) {
 }
 
 async fn run(args: Vec<String>) -> Output {
+    run_with_env(args, &[]).await
+}
+
+/// `run` with these environment variables set as well.
+async fn run_with_env(args: Vec<String>, env: &[(&str, &str)]) -> Output {
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
             .args(&args)
@@ -57,6 +63,7 @@ async fn run(args: Vec<String>) -> Output {
             // Never the user's own cache; a test that wants one names it.
             .env("CLASSIFIER_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
             .env_remove("CLASSIFIER_NO_CACHE")
+            .envs(env)
             .output()
             .unwrap()
     })
@@ -294,6 +301,11 @@ async fn the_model_and_labels_are_kept_between_runs() {
     // --no-cache neither reads nor writes, whatever the folder.
     let (code, _, stderr) = classify(&server, &["--no-cache", "--cache-dir", &cache_dir, &red]).await;
     assert_eq!(code, 0, "{stderr}");
+    assert!(!cache.exists());
+    // As does CLASSIFIER_NO_CACHE, for a job whose arguments are fixed.
+    let out =
+        run_with_env(mock_args(&server, &["--cache-dir", &cache_dir, &red]), &[("CLASSIFIER_NO_CACHE", "1")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!cache.exists());
 
     let (code, records, stderr) = classify(&server, &["--cache-dir", &cache_dir, &red]).await;
