@@ -82,6 +82,9 @@ impl Cache {
 
     /// The copy of `url` kept here, if there is a whole one. Blocking.
     pub fn load(&self, url: &str) -> Option<Entry> {
+        // Every run that reads the folder sweeps it: most never write to it
+        // again once their copies are kept.
+        self.remove_abandoned();
         let path = self.path(url);
         let mut data = std::fs::read(&path).ok()?;
         let header = data
@@ -119,23 +122,22 @@ impl Cache {
         std::fs::create_dir_all(&self.dir)?;
         self.remove_abandoned();
         let path = self.path(url);
-        // Unique per process and call, so concurrent writers never share one.
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temporary = path.with_extension(format!("{}-{n}.partial", std::process::id()));
+        let temporary = temporary_path(&path);
         let header = Header {
             url: url.to_string(),
             version: version.clone(),
             len: bytes.len() as u64,
             crc32: crc32fast::hash(bytes),
         };
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        // The header names the URL, which may carry a token.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&temporary)?;
+        // The file is ours from here on: removed if anything below fails.
         let write = || -> std::io::Result<()> {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            // The header names the URL, which may carry a token.
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = std::io::BufWriter::new(options.open(&temporary)?);
+            let mut file = std::io::BufWriter::new(file);
             serde_json::to_writer(&mut file, &header)?;
             file.write_all(b"\n")?;
             file.write_all(bytes)?;
@@ -154,7 +156,7 @@ impl Cache {
         for entry in entries.flatten() {
             let path = entry.path();
             let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
-            if path.extension().is_some_and(|e| e == "partial") && old.is_some_and(|age| age.as_secs() > 3600) {
+            if is_temporary(&entry.file_name()) && old.is_some_and(|age| age.as_secs() > 3600) {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -168,6 +170,26 @@ impl Cache {
         hash.write(url.as_bytes());
         self.dir.join(format!("{:016x}", hash.finish()))
     }
+}
+
+/// A name to write `path` under, unique per write: containers sharing the
+/// folder may all be process 1, so the time tells them apart.
+fn temporary_path(path: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    path.with_extension(format!("{}-{nanos}-{n}.partial", std::process::id()))
+}
+
+/// Whether `name` is one of `store`'s temporary files (`<hash>.<pid>-<time>-<n>.partial`):
+/// the folder may be shared with files that are not ours.
+fn is_temporary(name: &std::ffi::OsStr) -> bool {
+    let Some((hash, rest)) = name.to_str().and_then(|name| name.split_once('.')) else { return false };
+    let Some(numbers) = rest.strip_suffix(".partial") else { return false };
+    hash.len() == 16
+        && hash.bytes().all(|b| b.is_ascii_hexdigit())
+        && numbers.split('-').count() == 3
+        && numbers.split('-').all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -225,14 +247,26 @@ mod tests {
     fn what_a_killed_writer_left_is_cleared_once_old() {
         let cache = scratch("abandoned");
         std::fs::create_dir_all(cache.dir()).unwrap();
-        let (old, fresh) = (cache.dir().join("0123.77-0.partial"), cache.dir().join("4567.78-0.partial"));
-        for path in [&old, &fresh] {
+        let (old, fresh) = (
+            cache.dir().join("0123456789abcdef.77-1700000000000000000-0.partial"),
+            cache.dir().join("fedcba9876543210.78-1700000000000000000-0.partial"),
+        );
+        let ours = temporary_path(&cache.path("https://example.org/m"));
+        assert!(is_temporary(ours.file_name().unwrap()), "{}", ours.display());
+        assert_ne!(ours, temporary_path(&cache.path("https://example.org/m")));
+        // Not ours, however old: the folder may be shared.
+        let foreign = cache.dir().join("download.partial");
+        for path in [&old, &fresh, &foreign] {
             std::fs::write(path, b"half").unwrap();
         }
         let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
-        cache.store("https://example.org/m", b"m", &Version::default()).unwrap();
+        for path in [&old, &foreign] {
+            std::fs::File::options().write(true).open(path).unwrap().set_modified(two_hours_ago).unwrap();
+        }
+        // Reading sweeps, as runs that find their copies unchanged never write.
+        assert!(cache.load("https://example.org/m").is_none());
         assert!(!old.exists(), "an abandoned write was left");
+        assert!(foreign.exists(), "a file that is not ours was removed");
         assert!(fresh.exists(), "a write that may be under way was removed");
         std::fs::remove_dir_all(cache.dir()).unwrap();
     }
