@@ -85,9 +85,9 @@ pub async fn fetch(client: &Client, timeout: Duration, source: &Source, limit: u
 
 /// Fetches `source`, a large one over up to `connections` connections in
 /// byte ranges (see `fetch_parallel`), through `cache` when there is one.
-/// A URL kept from an earlier run is asked for only if it changed since (`If-None-Match`, `If-Modified-Since`): unchanged, the kept copy is
-/// used; changed, the new one comes in one plain request and is kept in its
-/// place. When the host cannot be reached, or fails to answer, the kept copy
+/// A URL kept from an earlier run is asked for only if it changed since
+/// (`If-None-Match`, `If-Modified-Since`): unchanged, the kept copy is used;
+/// changed, the new one comes in one plain request and is kept in its place. When the host cannot be reached, or fails to answer, the kept copy
 /// is used, with a warning (it is unreachable, times out, breaks off, is
 /// overloaded or fails with a 5xx); any other answer is final. A download
 /// whose server gives no ETag nor modification date is not kept, and
@@ -135,15 +135,10 @@ pub async fn fetch_kept(
     let known = version.is_known();
     // Awaited, not left running: the process may exit as soon as the
     // results are out. A few milliseconds for a model.
-    let kept =
-        tokio::task::spawn_blocking(
-            move || {
-                if known { store.store(&url, &bytes, &version) } else { store.remove(&url) }
-            },
-        )
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|kept| kept);
+    let kept = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if known { store.store(&url, &bytes, &version) } else { store.remove(&url) }
+    });
+    let kept = kept.await.map_err(std::io::Error::other).and_then(|kept| kept);
     match kept {
         Ok(()) if known => tracing::debug!(%source, "cached in {}", cache.dir().display()),
         Ok(()) => {}
