@@ -82,8 +82,8 @@ impl Cache {
 
     /// The copy of `url` kept here, if there is a whole one. Blocking.
     pub fn load(&self, url: &str) -> Option<Entry> {
-        // Every run that reads the folder sweeps it: most never write to it
-        // again once their copies are kept.
+        // Every run that reads the folder sweeps it (a run reads before it
+        // writes): most never write to it again once their copies are kept.
         self.remove_abandoned();
         let path = self.path(url);
         let mut data = std::fs::read(&path).ok()?;
@@ -120,7 +120,6 @@ impl Cache {
     /// one. Blocking.
     pub fn store(&self, url: &str, bytes: &[u8], version: &Version) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        self.remove_abandoned();
         let path = self.path(url);
         let temporary = temporary_path(&path);
         let header = Header {
