@@ -2,6 +2,7 @@
 //! to an optimized tract plan that classifies batches of images.
 
 mod archive;
+mod depthwise;
 pub mod dequantize;
 
 use std::sync::Arc;
@@ -210,6 +211,7 @@ impl Model {
 /// without it (see BENCHMARKS.md).
 fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
     declutter().optimize(&mut model)?;
+    depthwise::fuse(&mut model)?;
     model.optimize()?;
     Ok(model)
 }
