@@ -21,6 +21,8 @@ const LANES: usize = 16;
 /// Vectors summed at once: enough independent sums to keep the
 /// multiply-add units busy while loads are in flight.
 const GROUP: usize = 4;
+/// Output pixels summed at once where they all have every tap.
+const PIXELS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthwiseConv {
@@ -78,6 +80,12 @@ impl EvalOp for DepthwiseConv {
         let src = src.as_slice::<f32>()?;
         let mut dst = output.try_as_plain_ram_mut()?;
         let dst = dst.as_slice_mut::<f32>()?;
+        // What `lanes` relies on.
+        ensure!(
+            self.kernel.len() == g.kernel.0 * g.kernel.1 * g.channels && self.bias.len() == g.channels,
+            "depthwise weights of {} values",
+            self.kernel.len()
+        );
         ensure!(
             src.len() == batch * g.input.0 * g.input.1 * g.channels,
             "depthwise input of shape {:?}",
@@ -138,39 +146,122 @@ fn run_avx2(op: &DepthwiseConv, src: &[f32], dst: &mut [f32]) {
 #[inline(always)]
 fn run_portable<const FUSED: bool>(op: &DepthwiseConv, src: &[f32], dst: &mut [f32]) {
     let g = &op.geometry;
-    let c = g.channels;
-    let (kernel, bias) = (op.kernel.as_slice(), op.bias.as_slice());
+    let full = (0, g.kernel.1);
     for oy in 0..g.output.0 {
-        let (ky0, ky1) = taps(oy, g.stride.0, g.pad.0, g.kernel.0, g.input.0);
-        for ox in 0..g.output.1 {
-            let (kx0, kx1) = taps(ox, g.stride.1, g.pad.1, g.kernel.1, g.input.1);
-            let out = &mut dst[(oy * g.output.1 + ox) * c..][..c];
-            // Where tap (ky, kx) reads its input and its weights.
-            let tap = |ky: usize, kx: usize| {
-                let (iy, ix) = (oy * g.stride.0 + ky - g.pad.0, ox * g.stride.1 + kx - g.pad.1);
-                ((iy * g.input.1 + ix) * c, (ky * g.kernel.1 + kx) * c)
-            };
-            let mut c0 = 0;
-            while c0 + GROUP * LANES <= c {
-                sum_vectors::<GROUP, FUSED>(op, src, out, c0, (ky0, ky1), (kx0, kx1), &tap);
-                c0 += GROUP * LANES;
-            }
-            while c0 + LANES <= c {
-                sum_vectors::<1, FUSED>(op, src, out, c0, (ky0, ky1), (kx0, kx1), &tap);
-                c0 += LANES;
-            }
-            // Channels past the last whole vector, one by one.
-            for ch in c0..c {
-                let mut acc = bias[ch];
-                for ky in ky0..ky1 {
-                    for kx in kx0..kx1 {
-                        let (i, k) = tap(ky, kx);
-                        acc = multiply_add::<FUSED>(src[i + ch], kernel[k + ch], acc);
-                    }
-                }
-                out[ch] = clamp(op, acc);
+        let ky = taps(oy, g.stride.0, g.pad.0, g.kernel.0, g.input.0);
+        let mut ox = 0;
+        while ox < g.output.1 {
+            // Away from the left and right edges every pixel has all its
+            // taps: PIXELS of them share each load of the weights.
+            let kx = |ox| taps(ox, g.stride.1, g.pad.1, g.kernel.1, g.input.1);
+            if ox + PIXELS <= g.output.1 && kx(ox) == full && kx(ox + PIXELS - 1) == full {
+                sum_pixels::<FUSED>(op, src, dst, (oy, ox), ky);
+                ox += PIXELS;
+            } else {
+                sum_pixel::<FUSED>(op, src, dst, (oy, ox), ky, kx(ox));
+                ox += 1;
             }
         }
+    }
+}
+
+/// Where tap `(ky, kx)` of output pixel `(oy, ox)` reads: the offsets of
+/// its input pixel and of its weights.
+#[inline(always)]
+fn tap(g: &Geometry, (oy, ox): (usize, usize), ky: usize, kx: usize) -> (usize, usize) {
+    let (iy, ix) = (oy * g.stride.0 + ky - g.pad.0, ox * g.stride.1 + kx - g.pad.1);
+    ((iy * g.input.1 + ix) * g.channels, (ky * g.kernel.1 + kx) * g.channels)
+}
+
+/// `PIXELS` output pixels side by side from `at`, all with every tap across.
+#[inline(always)]
+fn sum_pixels<const FUSED: bool>(
+    op: &DepthwiseConv,
+    src: &[f32],
+    dst: &mut [f32],
+    (oy, ox): (usize, usize),
+    ky: (usize, usize),
+) {
+    let g = &op.geometry;
+    let c = g.channels;
+    let (kernel, bias) = (op.kernel.as_slice(), op.bias.as_slice());
+    let out = &mut dst[(oy * g.output.1 + ox) * c..][..PIXELS * c];
+    let mut c0 = 0;
+    while c0 + LANES <= c {
+        // SAFETY (here and below): see `lanes`.
+        let mut acc = [unsafe { lanes(bias, c0) }; PIXELS];
+        for y in ky.0..ky.1 {
+            for x in 0..g.kernel.1 {
+                let (i, k) = tap(g, (oy, ox), y, x);
+                let w = unsafe { lanes(kernel, k + c0) };
+                for (p, sums) in acc.iter_mut().enumerate() {
+                    let v = unsafe { lanes(src, i + p * g.stride.1 * c + c0) };
+                    for l in 0..LANES {
+                        sums[l] = multiply_add::<FUSED>(v[l], w[l], sums[l]);
+                    }
+                }
+            }
+        }
+        for (p, sums) in acc.iter().enumerate() {
+            for (o, &a) in out[p * c + c0..][..LANES].iter_mut().zip(sums) {
+                *o = clamp(op, a);
+            }
+        }
+        c0 += LANES;
+    }
+    for p in 0..PIXELS {
+        remaining_channels::<FUSED>(op, src, &mut out[p * c..][..c], c0, (oy, ox + p), ky, (0, g.kernel.1));
+    }
+}
+
+/// One output pixel, whose taps are `ky` by `kx`.
+#[inline(always)]
+fn sum_pixel<const FUSED: bool>(
+    op: &DepthwiseConv,
+    src: &[f32],
+    dst: &mut [f32],
+    at: (usize, usize),
+    ky: (usize, usize),
+    kx: (usize, usize),
+) {
+    let g = &op.geometry;
+    let c = g.channels;
+    let out = &mut dst[(at.0 * g.output.1 + at.1) * c..][..c];
+    let tap = |y, x| tap(g, at, y, x);
+    let mut c0 = 0;
+    while c0 + GROUP * LANES <= c {
+        sum_vectors::<GROUP, FUSED>(op, src, out, c0, ky, kx, &tap);
+        c0 += GROUP * LANES;
+    }
+    while c0 + LANES <= c {
+        sum_vectors::<1, FUSED>(op, src, out, c0, ky, kx, &tap);
+        c0 += LANES;
+    }
+    remaining_channels::<FUSED>(op, src, out, c0, at, ky, kx);
+}
+
+/// Channels `[c0, channels)` of one output pixel, one by one: those past
+/// the last whole vector.
+#[inline(always)]
+fn remaining_channels<const FUSED: bool>(
+    op: &DepthwiseConv,
+    src: &[f32],
+    out: &mut [f32],
+    c0: usize,
+    at: (usize, usize),
+    ky: (usize, usize),
+    kx: (usize, usize),
+) {
+    let g = &op.geometry;
+    for ch in c0..g.channels {
+        let mut acc = op.bias[ch];
+        for y in ky.0..ky.1 {
+            for x in kx.0..kx.1 {
+                let (i, k) = tap(g, at, y, x);
+                acc = multiply_add::<FUSED>(src[i + ch], op.kernel[k + ch], acc);
+            }
+        }
+        out[ch] = clamp(op, acc);
     }
 }
 
@@ -189,13 +280,15 @@ fn sum_vectors<const W: usize, const FUSED: bool>(
     let (kernel, bias) = (op.kernel.as_slice(), op.bias.as_slice());
     let mut acc = [[0f32; LANES]; W];
     for (v, sums) in acc.iter_mut().enumerate() {
-        *sums = lanes(bias, c0 + v * LANES);
+        // SAFETY (here and below): see `lanes`.
+        *sums = unsafe { lanes(bias, c0 + v * LANES) };
     }
     for y in ky.0..ky.1 {
         for x in kx.0..kx.1 {
             let (i, k) = tap(y, x);
             for (v, sums) in acc.iter_mut().enumerate() {
-                let (x, w) = (lanes(src, i + c0 + v * LANES), lanes(kernel, k + c0 + v * LANES));
+                let at = c0 + v * LANES;
+                let (x, w) = unsafe { (lanes(src, i + at), lanes(kernel, k + at)) };
                 for l in 0..LANES {
                     sums[l] = multiply_add::<FUSED>(x[l], w[l], sums[l]);
                 }
@@ -216,12 +309,18 @@ fn clamp(op: &DepthwiseConv, a: f32) -> f32 {
     if a < op.high { a } else { op.high }
 }
 
-/// `LANES` values of `data` from `at`, which the caller keeps in bounds.
+/// `LANES` values of `data` from `at`, read without a bounds check: these
+/// reads are most of the op's instructions otherwise.
+///
+/// # Safety
+/// `at + LANES <= data.len()`. The callers read at offsets from `tap`, whose
+/// pixels `taps` keeps inside the input, plus channels below `channels -
+/// LANES`; `eval` checks that the slices have the sizes the geometry says.
 #[inline(always)]
-fn lanes(data: &[f32], at: usize) -> [f32; LANES] {
-    let mut v = [0f32; LANES];
-    v.copy_from_slice(&data[at..at + LANES]);
-    v
+unsafe fn lanes(data: &[f32], at: usize) -> [f32; LANES] {
+    debug_assert!(at + LANES <= data.len());
+    // SAFETY: in bounds, as the caller promises; any alignment will do.
+    unsafe { data.as_ptr().add(at).cast::<[f32; LANES]>().read_unaligned() }
 }
 
 #[inline(always)]
