@@ -305,8 +305,11 @@ fn sum_vectors<const W: usize, const FUSED: bool>(
 /// Written as comparisons, which become single min and max instructions.
 #[inline(always)]
 fn clamp(op: &DepthwiseConv, a: f32) -> f32 {
-    let a = if a > op.low { a } else { op.low };
-    if a < op.high { a } else { op.high }
+    // A NaN passes through, as in TFLite's own clamps, and is not turned
+    // into a bound when none was fused. Two plain selects: nested ones stop
+    // the compiler from vectorising the stores (19 against 12 ms a model).
+    let a = if a < op.low { op.low } else { a };
+    if a > op.high { op.high } else { a }
 }
 
 /// `LANES` values of `data` from `at`, read without a bounds check: these
@@ -400,6 +403,10 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
         stride: (strides[0], strides[1]),
         pad: (padded[0].pad_before, padded[1].pad_before),
     };
+    // Empty tensors are tract's to handle (`eval` cuts images by size).
+    if [h, w, c, geometry.output.0, geometry.output.1].contains(&0) {
+        return Ok(None);
+    }
     let mut op = DepthwiseConv {
         geometry,
         kernel: Arc::new(kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
@@ -413,7 +420,8 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
     for (name, bound) in [("Max", &mut op.low), ("Min", &mut op.high)] {
         let Some(next) = only_reader(model, last) else { break };
         let Some(bin) = model.node(next).op_as::<TypedBinOp>() else { break };
-        if bin.0.name() != name {
+        // An op that casts its output is left to tract.
+        if bin.0.name() != name || bin.1.is_some() {
             break;
         }
         let other = model.node(next).inputs.iter().find(|&&o| o != last).copied();
@@ -572,6 +580,24 @@ mod tests {
         assert_eq!(fuse(&mut model).unwrap(), 1);
         let ops: Vec<String> = model.nodes().iter().map(|n| n.op.name().to_string()).collect();
         assert!(ops.iter().any(|o| o.contains("Max")), "{ops:?}");
+    }
+
+    #[test]
+    fn a_nan_passes_through_and_inputs_smaller_than_the_kernel_are_left_to_tract() {
+        let case =
+            Case { size: (4, 4), channels: 16, kernel: 3, stride: 1, padding: PaddingSpec::SameUpper, clamp: &[] };
+        let mut model = graph(&case);
+        super::super::declutter().optimize(&mut model).unwrap();
+        assert_eq!(fuse(&mut model).unwrap(), 1);
+        let mut image = values(4 * 4 * 16, 3);
+        image[0] = f32::NAN;
+        let out = run(model, &Tensor::from_shape(&[1, 4, 4, 16], &image).unwrap());
+        assert!(out.to_plain_array_view::<f32>().unwrap()[[0, 0, 0, 0]].is_nan());
+
+        let tiny = Case { size: (2, 2), channels: 16, kernel: 3, stride: 1, padding: PaddingSpec::Valid, clamp: RELU6 };
+        let mut model = graph(&tiny);
+        super::super::declutter().optimize(&mut model).unwrap();
+        assert_eq!(fuse(&mut model).unwrap(), 0);
     }
 
     #[test]
