@@ -17,7 +17,7 @@ use tract_tflite::internal::tract_core::ops::nn::DataFormat;
 use tract_tflite::internal::*;
 
 /// Channels in one vector of sums: one AVX-512 register, two AVX ones.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 /// Vectors summed at once: enough independent sums to keep the
 /// multiply-add units busy while loads are in flight.
 const GROUP: usize = 4;
@@ -320,20 +320,20 @@ fn clamp(op: &DepthwiseConv, a: f32) -> f32 {
 /// pixels `taps` keeps inside the input, plus channels below `channels -
 /// LANES`; `eval` checks that the slices have the sizes the geometry says.
 #[inline(always)]
-unsafe fn lanes(data: &[f32], at: usize) -> [f32; LANES] {
+pub(super) unsafe fn lanes(data: &[f32], at: usize) -> [f32; LANES] {
     debug_assert!(at + LANES <= data.len());
     // SAFETY: in bounds, as the caller promises; any alignment will do.
     unsafe { data.as_ptr().add(at).cast::<[f32; LANES]>().read_unaligned() }
 }
 
 #[inline(always)]
-fn multiply_add<const FUSED: bool>(x: f32, w: f32, acc: f32) -> f32 {
+pub(super) fn multiply_add<const FUSED: bool>(x: f32, w: f32, acc: f32) -> f32 {
     if FUSED { x.mul_add(w, acc) } else { acc + x * w }
 }
 
 /// The kernel taps `[first, end)` along one axis that fall inside the input
 /// for output position `o`.
-fn taps(o: usize, stride: usize, pad: usize, kernel: usize, input: usize) -> (usize, usize) {
+pub(super) fn taps(o: usize, stride: usize, pad: usize, kernel: usize, input: usize) -> (usize, usize) {
     let start = o * stride;
     // Tap k reads input row start + k - pad, which must be in [0, input).
     let first = pad.saturating_sub(start);
@@ -407,17 +407,24 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
     if [h, w, c, geometry.output.0, geometry.output.1].contains(&0) {
         return Ok(None);
     }
-    let mut op = DepthwiseConv {
+    let (low, high, last) = fused_clamp(model, OutletId::new(id, 0))?;
+    let op = DepthwiseConv {
         geometry,
         kernel: Arc::new(kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
         bias: Arc::new(bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
-        low: f32::NEG_INFINITY,
-        high: f32::INFINITY,
+        low,
+        high,
     };
-    // The clamp: `max` with a constant, then `min` with one, each the only
-    // reader of what came before.
-    let mut last = OutletId::new(id, 0);
-    for (name, bound) in [("Max", &mut op.low), ("Min", &mut op.high)] {
+    Ok(Some((op, last)))
+}
+
+/// The clamp after `from`: a `max` with a constant, then a `min` with one,
+/// each the only reader of what came before. Returns its bounds (infinite
+/// where there is none) and the last outlet it covers.
+pub(super) fn fused_clamp(model: &TypedModel, from: OutletId) -> TractResult<(f32, f32, OutletId)> {
+    let (mut low, mut high) = (f32::NEG_INFINITY, f32::INFINITY);
+    let mut last = from;
+    for (name, bound) in [("Max", &mut low), ("Min", &mut high)] {
         let Some(next) = only_reader(model, last) else { break };
         let Some(bin) = model.node(next).op_as::<TypedBinOp>() else { break };
         // An op that casts its output is left to tract.
@@ -433,17 +440,17 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
         *bound = value;
         last = OutletId::new(next, 0);
     }
-    Ok(Some((op, last)))
+    Ok((low, high, last))
 }
 
 /// The value of `outlet` if a constant node gives it.
-fn constant(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+pub(super) fn constant(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
     Ok(model.outlet_fact(outlet)?.konst.clone())
 }
 
 /// The one node reading `outlet`, if it has exactly one reader and is not an
 /// output of the model.
-fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<usize> {
+pub(super) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<usize> {
     let successors = &model.node(outlet.node).outputs[outlet.slot].successors;
     (successors.len() == 1 && !model.outputs.contains(&outlet)).then(|| successors[0].node)
 }

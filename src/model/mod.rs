@@ -2,6 +2,7 @@
 //! to an optimized tract plan that classifies batches of images.
 
 mod archive;
+mod dense;
 mod depthwise;
 pub mod dequantize;
 
@@ -204,14 +205,21 @@ impl Model {
     }
 }
 
-/// tract's declutter and codegen passes, but for the pass that moves axes
-/// around the graph: on these networks it only tries to drop the batch axis,
-/// which the input and output pin, and each try copies the weights. It took
-/// over a third of the preparation's instructions, and inference is as fast
-/// without it (see BENCHMARKS.md).
+/// tract's declutter and codegen passes, with the tool's own convolutions
+/// put in between (they carry most of a MobileNet's arithmetic, and tract's
+/// are slower on x86-64: see BENCHMARKS.md).
+///
+/// The declutter pass that moves axes around the graph is left out: on these
+/// networks it only tries to drop the batch axis, which the input and output
+/// pin, and each try copies the weights. It took over a third of the
+/// preparation's instructions, and inference is as fast without it.
 fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
     declutter().optimize(&mut model)?;
-    depthwise::fuse(&mut model)?;
+    let depthwise = depthwise::fuse(&mut model)?;
+    // The nodes it replaced still read what the next pass matches.
+    model.compact()?;
+    let dense = if dense::has_vector_kernels() { dense::fuse(&mut model)? } else { 0 };
+    tracing::trace!(depthwise, dense, "convolutions replaced by the tool's own");
     model.optimize()?;
     Ok(model)
 }

@@ -1,0 +1,812 @@
+//! A dense (ungrouped) convolution for channels-last float32 images, with
+//! its bias, the clamp after it and a residual sum done in the same pass.
+//!
+//! Pointwise (1x1) convolutions are most of a MobileNet's arithmetic. tract
+//! runs them as matrix products that first copy ("pack") the activations
+//! into panels; this op reads each input pixel's channels where they are and
+//! multiplies them, one broadcast value at a time, into vectors of output
+//! channels held in registers, as XNNPACK's kernels do. The first
+//! convolution of such networks (3 input channels, 3x3) goes the same way
+//! instead of through tract's padding, im2col and unfused clamp.
+//!
+//! It replaces the matching nodes of a decluttered graph, before tract's
+//! codegen, and leaves every other case to tract.
+
+use std::sync::Arc;
+
+use tract_tflite::internal::tract_core::ops::binary::TypedBinOp;
+use tract_tflite::internal::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_tflite::internal::tract_core::ops::einsum::EinSum;
+use tract_tflite::internal::tract_core::ops::nn::DataFormat;
+use tract_tflite::internal::*;
+
+use super::depthwise::{LANES, constant, fused_clamp, lanes, multiply_add, only_reader, taps};
+
+/// Output vectors summed together for the same input pixels: each input
+/// value loaded is used this many times.
+const WIDTH: usize = 3;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseConv {
+    geometry: Geometry,
+    /// The weights by blocks of `WIDTH` output vectors (fewer in the last
+    /// block), each `[kernel_h][kernel_w][in_channels][block's lanes]`, zero
+    /// past the last output channel.
+    weights: Arc<Vec<f32>>,
+    /// One per output channel, zero past the last one up to a whole vector.
+    bias: Arc<Vec<f32>>,
+    /// Outputs are clamped to this range; infinite bounds when no clamp was fused.
+    low: f32,
+    high: f32,
+    /// Whether a second input of the output's shape is added after the clamp.
+    residual: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Geometry {
+    in_channels: usize,
+    out_channels: usize,
+    input: (usize, usize),
+    output: (usize, usize),
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    /// Padding before the first row and column.
+    pad: (usize, usize),
+}
+
+impl Geometry {
+    fn taps(&self) -> usize {
+        self.kernel.0 * self.kernel.1
+    }
+
+    fn vectors(&self) -> usize {
+        self.out_channels.div_ceil(LANES)
+    }
+}
+
+// As for the depthwise op: a NaN weight only makes equal ops look different.
+impl Eq for DenseConv {}
+
+impl Op for DenseConv {
+    fn name(&self) -> StaticName {
+        "DenseConvNhwcF32".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}, clamp to [{}, {}], residual: {}", self.geometry, self.low, self.high, self.residual)])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DenseConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = &self.geometry;
+        let input = &inputs[0];
+        let batch = input.shape()[0];
+        let shape = [batch, g.output.0, g.output.1, g.out_channels];
+        // SAFETY: `run` writes every channel of every output pixel.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let src = input.try_as_plain_ram()?;
+        let src = src.as_slice::<f32>()?;
+        let residual = match self.residual {
+            true => {
+                ensure!(inputs.len() == 2 && inputs[1].shape() == shape, "residual input of another shape");
+                Some(inputs[1].try_as_plain_ram()?)
+            }
+            false => None,
+        };
+        let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
+        let mut dst = output.try_as_plain_ram_mut()?;
+        let dst = dst.as_slice_mut::<f32>()?;
+        // What `lanes` and the unchecked reads rely on.
+        ensure!(
+            self.weights.len() == g.vectors() * LANES * g.taps() * g.in_channels
+                && self.bias.len() == g.vectors() * LANES,
+            "dense convolution weights of {} values",
+            self.weights.len()
+        );
+        let per_image_in = g.input.0 * g.input.1 * g.in_channels;
+        let per_image_out = g.output.0 * g.output.1 * g.out_channels;
+        ensure!(src.len() == batch * per_image_in, "dense convolution input of shape {:?}", input.shape());
+        for (image, (src, dst)) in src.chunks_exact(per_image_in).zip(dst.chunks_exact_mut(per_image_out)).enumerate() {
+            let residual = residual.map(|r| &r[image * per_image_out..][..per_image_out]);
+            run(self, src, dst, residual);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for DenseConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = &self.geometry;
+        let batch = inputs[0].shape[0].clone();
+        Ok(tvec!(f32::fact([batch, g.output.0.into(), g.output.1.into(), g.out_channels.into()])))
+    }
+
+    as_op!();
+}
+
+/// Runs the op on one image, with the widest vector instructions this CPU
+/// has. The numbers after the vector type are how many pixels are summed at
+/// once for blocks of 3, 2 and 1 output vectors: as many as the CPU's vector
+/// registers hold sums for, with room left for the weights.
+fn run(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `run_avx512` is compiled for.
+            return unsafe { run_avx512(op, src, dst, residual) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { run_avx2(op, src, dst, residual) };
+        }
+    }
+    // SAFETY: plain arrays need no CPU feature.
+    unsafe { run_with::<[f32; LANES], 1, 1, 1>(op, src, dst, residual) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn run_avx512(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
+    use std::arch::x86_64::__m512;
+    // 32 registers of 16 lanes: 24 for sums.
+    // SAFETY: the features `__m512` needs are enabled here.
+    unsafe { run_with::<__m512, 8, 12, 16>(op, src, dst, residual) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_avx2(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
+    use std::arch::x86_64::__m256;
+    // 16 registers of 8 lanes: 12 for sums.
+    // SAFETY: the features `__m256` needs are enabled here.
+    unsafe { run_with::<[__m256; 2], 2, 3, 6>(op, src, dst, residual) }
+}
+
+/// `LANES` float32 values in vector registers.
+///
+/// # Safety
+/// Every method needs the CPU features of its implementation, and `load`
+/// needs `at + LANES <= data.len()`.
+trait Lanes: Copy {
+    unsafe fn load(data: &[f32], at: usize) -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    /// `self * x + acc`.
+    unsafe fn mul_add(self, x: Self, acc: Self) -> Self;
+    unsafe fn to_array(self) -> [f32; LANES];
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m512 {
+    #[inline(always)]
+    unsafe fn load(data: &[f32], at: usize) -> Self {
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(data.as_ptr().add(at)) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        unsafe { std::arch::x86_64::_mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(self, x, acc) }
+    }
+    #[inline(always)]
+    unsafe fn to_array(self) -> [f32; LANES] {
+        unsafe { std::mem::transmute(self) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for [std::arch::x86_64::__m256; 2] {
+    #[inline(always)]
+    unsafe fn load(data: &[f32], at: usize) -> Self {
+        use std::arch::x86_64::_mm256_loadu_ps;
+        unsafe { [_mm256_loadu_ps(data.as_ptr().add(at)), _mm256_loadu_ps(data.as_ptr().add(at + 8))] }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        unsafe { [std::arch::x86_64::_mm256_set1_ps(x); 2] }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
+        use std::arch::x86_64::_mm256_fmadd_ps;
+        unsafe { [_mm256_fmadd_ps(self[0], x[0], acc[0]), _mm256_fmadd_ps(self[1], x[1], acc[1])] }
+    }
+    #[inline(always)]
+    unsafe fn to_array(self) -> [f32; LANES] {
+        unsafe { std::mem::transmute(self) }
+    }
+}
+
+/// Without vector instructions the compiler gets plain arrays.
+impl Lanes for [f32; LANES] {
+    #[inline(always)]
+    unsafe fn load(data: &[f32], at: usize) -> Self {
+        unsafe { lanes(data, at) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        [x; LANES]
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
+        std::array::from_fn(|l| multiply_add::<{ cfg!(target_arch = "aarch64") }>(self[l], x[l], acc[l]))
+    }
+    #[inline(always)]
+    unsafe fn to_array(self) -> [f32; LANES] {
+        self
+    }
+}
+
+/// The loops, over blocks of output vectors and then output pixels.
+///
+/// # Safety
+/// The CPU has the features `V` needs.
+#[inline(always)]
+unsafe fn run_with<V: Lanes, const M3: usize, const M2: usize, const M1: usize>(
+    op: &DenseConv,
+    src: &[f32],
+    dst: &mut [f32],
+    residual: Option<&[f32]>,
+) {
+    let g = &op.geometry;
+    let per_vector = LANES * g.taps() * g.in_channels;
+    let mut v0 = 0;
+    while v0 < g.vectors() {
+        let width = (g.vectors() - v0).min(WIDTH);
+        let weights = &op.weights[v0 * per_vector..][..width * per_vector];
+        let out = Outputs { dst: &mut *dst, residual, v0 };
+        // SAFETY: as the caller promises.
+        unsafe {
+            match width {
+                3 => pixels::<V, M3, 3>(op, src, weights, out),
+                2 => pixels::<V, M2, 2>(op, src, weights, out),
+                _ => pixels::<V, M1, 1>(op, src, weights, out),
+            }
+        }
+        v0 += width;
+    }
+}
+
+/// Where a block of output vectors goes.
+struct Outputs<'a> {
+    dst: &'a mut [f32],
+    residual: Option<&'a [f32]>,
+    /// The block's first output vector.
+    v0: usize,
+}
+
+/// Every output pixel of the `W` output vectors whose weights are `weights`,
+/// `M` pixels at a time where they all have every tap.
+///
+/// # Safety
+/// As for `run_with`.
+#[inline(always)]
+unsafe fn pixels<V: Lanes, const M: usize, const W: usize>(
+    op: &DenseConv,
+    src: &[f32],
+    weights: &[f32],
+    mut out: Outputs,
+) {
+    let g = &op.geometry;
+    let count = g.output.0 * g.output.1;
+    let full = ((0, g.kernel.0), (0, g.kernel.1));
+    // Where output pixel `p` reads its first tap, and which taps it has.
+    let first_tap = |p: usize| {
+        let (oy, ox) = (p / g.output.1, p % g.output.1);
+        let ky = taps(oy, g.stride.0, g.pad.0, g.kernel.0, g.input.0);
+        let kx = taps(ox, g.stride.1, g.pad.1, g.kernel.1, g.input.1);
+        let (iy, ix) = (oy * g.stride.0 + ky.0 - g.pad.0, ox * g.stride.1 + kx.0 - g.pad.1);
+        ((iy * g.input.1 + ix) * g.in_channels, ky, kx)
+    };
+    let mut p = 0;
+    while p < count {
+        if p + M <= count {
+            let mut at = [0; M];
+            let mut all_taps = true;
+            for (m, at) in at.iter_mut().enumerate() {
+                let (first, ky, kx) = first_tap(p + m);
+                all_taps &= (ky, kx) == full;
+                *at = first;
+            }
+            if all_taps {
+                // SAFETY: as the caller promises.
+                let sums = unsafe { sum_block::<V, M, W>(op, src, weights, &at, out.v0, full.0, full.1) };
+                store(op, &mut out, p, &sums);
+                p += M;
+                continue;
+            }
+        }
+        let (first, ky, kx) = first_tap(p);
+        // SAFETY: as the caller promises.
+        let sums = unsafe { sum_block::<V, 1, W>(op, src, weights, &[first], out.v0, ky, kx) };
+        store(op, &mut out, p, &sums);
+        p += 1;
+    }
+}
+
+/// The sums of `W` output vectors from `v0` for `M` output pixels whose taps
+/// are `ky` by `kx` and whose first tap reads at `at`.
+///
+/// # Safety
+/// As for `run_with`; the reads are in bounds because `eval` checked the
+/// sizes and `taps` keeps every pixel read inside the input.
+#[inline(always)]
+unsafe fn sum_block<V: Lanes, const M: usize, const W: usize>(
+    op: &DenseConv,
+    src: &[f32],
+    weights: &[f32],
+    at: &[usize; M],
+    v0: usize,
+    ky: (usize, usize),
+    kx: (usize, usize),
+) -> [[[f32; LANES]; W]; M] {
+    let g = &op.geometry;
+    let cin = g.in_channels;
+    unsafe {
+        let mut sums = [[V::splat(0.0); W]; M];
+        for n in 0..W {
+            let bias = V::load(&op.bias, (v0 + n) * LANES);
+            for pixel in sums.iter_mut() {
+                pixel[n] = bias;
+            }
+        }
+        for y in ky.0..ky.1 {
+            for x in kx.0..kx.1 {
+                let shift = ((y - ky.0) * g.input.1 + (x - kx.0)) * cin;
+                let k = (y * g.kernel.1 + x) * cin * W * LANES;
+                for c in 0..cin {
+                    let mut w = [V::splat(0.0); W];
+                    for (n, w) in w.iter_mut().enumerate() {
+                        *w = V::load(weights, k + (c * W + n) * LANES);
+                    }
+                    for (m, pixel) in sums.iter_mut().enumerate() {
+                        let v = V::splat(*src.get_unchecked(at[m] + shift + c));
+                        for (sums, &w) in pixel.iter_mut().zip(&w) {
+                            *sums = v.mul_add(w, *sums);
+                        }
+                    }
+                }
+            }
+        }
+        sums.map(|pixel| pixel.map(|v| v.to_array()))
+    }
+}
+
+/// Writes the sums of `M` output pixels from `p`, clamped, plus the residual.
+#[inline(always)]
+fn store<const M: usize, const W: usize>(op: &DenseConv, out: &mut Outputs, p: usize, sums: &[[[f32; LANES]; W]; M]) {
+    let cout = op.geometry.out_channels;
+    for (m, pixel) in sums.iter().enumerate() {
+        for (n, sums) in pixel.iter().enumerate() {
+            let c0 = (out.v0 + n) * LANES;
+            let at = (p + m) * cout + c0;
+            let lanes = (cout - c0).min(LANES);
+            let dst = &mut out.dst[at..][..lanes];
+            match out.residual {
+                Some(residual) => {
+                    for ((o, &s), &r) in dst.iter_mut().zip(sums).zip(&residual[at..][..lanes]) {
+                        *o = clamp(op, s) + r;
+                    }
+                }
+                None => {
+                    for (o, &s) in dst.iter_mut().zip(sums) {
+                        *o = clamp(op, s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// As the depthwise op's: two plain selects, a NaN passes through.
+#[inline(always)]
+fn clamp(op: &DenseConv, a: f32) -> f32 {
+    let a = if a < op.low { op.low } else { a };
+    if a > op.high { op.high } else { a }
+}
+
+/// Whether this CPU runs [`DenseConv`] with vector instructions. Elsewhere
+/// tract's own matrix products, written for that CPU, are the better choice.
+pub fn has_vector_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Replaces each dense convolution of a decluttered float32 channels-last
+/// graph that this module can run (a `Conv` of one group, or the `EinSum`
+/// a 1x1 convolution becomes), with the bias, clamp and residual sum that
+/// follow it, by one [`DenseConv`]. Returns how many it replaced.
+pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let Some((op, last)) = dense_at(model, id)? else { continue };
+        let node = model.node(id);
+        let mut patch = TypedModelPatch::default();
+        let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
+        if let Some(residual) = op.1 {
+            inputs.push(patch.tap_model(model, residual)?);
+        }
+        let wire = patch.wire_node(&node.name, op.0, &inputs)?[0];
+        patch.shunt_outside(model, last, wire)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+/// The op replacing node `id` with the residual input it reads, and the
+/// outlet it replaces, if `id` is a dense convolution this module can run.
+#[allow(clippy::type_complexity)]
+fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<((DenseConv, Option<OutletId>), OutletId)>> {
+    let node = model.node(id);
+    let Some((geometry, kernel, bias)) = conv_at(model, node)?.or(einsum_at(model, node)?) else {
+        return Ok(None);
+    };
+    let g = geometry;
+    // Empty tensors are tract's to handle.
+    if [g.input.0, g.input.1, g.in_channels, g.out_channels, g.output.0, g.output.1].contains(&0) {
+        return Ok(None);
+    }
+    let mut last = OutletId::new(id, 0);
+    let bias = match bias {
+        Some(bias) => bias,
+        None => match bias_after(model, last, g.out_channels)? {
+            Some((bias, after)) => {
+                last = after;
+                bias
+            }
+            None => vec![0.0; g.out_channels],
+        },
+    };
+    let (low, high, after) = fused_clamp(model, last)?;
+    last = after;
+    let residual = residual_after(model, last)?;
+    if let Some((_, after)) = residual {
+        last = after;
+    }
+    let mut padded_bias = bias;
+    padded_bias.resize(g.vectors() * LANES, 0.0);
+    let op = DenseConv {
+        geometry,
+        weights: Arc::new(pack(&g, &kernel)),
+        bias: Arc::new(padded_bias),
+        low,
+        high,
+        residual: residual.is_some(),
+    };
+    Ok(Some(((op, residual.map(|r| r.0)), last)))
+}
+
+/// The weights, `[out][kernel_h][kernel_w][in]`, in the blocks `sum_block` reads.
+fn pack(g: &Geometry, kernel: &[f32]) -> Vec<f32> {
+    let (taps, cin, cout) = (g.taps(), g.in_channels, g.out_channels);
+    let mut packed = Vec::with_capacity(g.vectors() * LANES * taps * cin);
+    let mut v0 = 0;
+    while v0 < g.vectors() {
+        let width = (g.vectors() - v0).min(WIDTH);
+        for t in 0..taps {
+            for c in 0..cin {
+                for lane in 0..width * LANES {
+                    let o = v0 * LANES + lane;
+                    packed.push(if o < cout { kernel[(o * taps + t) * cin + c] } else { 0.0 });
+                }
+            }
+        }
+        v0 += width;
+    }
+    packed
+}
+
+/// A float32 NHWC `Conv` of one group with constant weights and bias.
+#[allow(clippy::type_complexity)]
+fn conv_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(Geometry, Vec<f32>, Option<Vec<f32>>)>> {
+    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
+    let spec = &conv.pool_spec;
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+    if conv.q_params.is_some()
+        || conv.kernel_fmt != KernelFormat::OHWI
+        || spec.data_format != DataFormat::NHWC
+        || conv.group != 1
+        || spec.kernel_shape.len() != 2
+        || !ones(&spec.dilations)
+        || node.inputs.len() != 3
+        || matches!(spec.padding, PaddingSpec::ExplicitOnnxPool(..))
+    {
+        return Ok(None);
+    }
+    let (cin, cout) = (spec.input_channels, spec.output_channels);
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let Some(&[_, h, w, channels]) = fact.shape.as_concrete() else { return Ok(None) };
+    if fact.datum_type != f32::datum_type() || channels != cin {
+        return Ok(None);
+    }
+    let (Some(kernel), Some(bias)) = (constant(model, node.inputs[1])?, constant(model, node.inputs[2])?) else {
+        return Ok(None);
+    };
+    let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+    if kernel.shape() != [cout, kh, kw, cin] || bias.len() != cout || bias.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    let strides = spec.strides.clone().unwrap_or_else(|| tvec!(1, 1));
+    let padded = spec.padding.compute(&[h, w], &spec.kernel_shape, &[1, 1], &strides);
+    let geometry = Geometry {
+        in_channels: cin,
+        out_channels: cout,
+        input: (h, w),
+        output: (padded[0].convoluted, padded[1].convoluted),
+        kernel: (kh, kw),
+        stride: (strides[0], strides[1]),
+        pad: (padded[0].pad_before, padded[1].pad_before),
+    };
+    let kernel = kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    Ok(Some((geometry, kernel, Some(bias))))
+}
+
+/// The `EinSum` `NHWI,OI->NHWO` of float32 values with constant weights that
+/// tract's declutter makes of a 1x1 convolution. Its bias is a separate sum.
+#[allow(clippy::type_complexity)]
+fn einsum_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(Geometry, Vec<f32>, Option<Vec<f32>>)>> {
+    let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+    if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let (inputs, outputs) = einsum.axes.to_strs();
+    let chars = |s: &str| s.chars().collect::<Vec<_>>();
+    let (x, k, y) = (chars(&inputs[0]), chars(&inputs[1]), chars(&outputs[0]));
+    let pointwise = x.len() == 4
+        && k.len() == 2
+        && y.len() == 4
+        && x[..3] == y[..3]
+        && x[3] == k[1]
+        && k[0] == y[3]
+        && x[3] != y[3]
+        && !x[..3].contains(&k[0])
+        && !x[..3].contains(&k[1]);
+    if !pointwise {
+        return Ok(None);
+    }
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let Some(&[_, h, w, cin]) = fact.shape.as_concrete() else { return Ok(None) };
+    let Some(kernel) = constant(model, node.inputs[1])? else { return Ok(None) };
+    if fact.datum_type != f32::datum_type() || kernel.datum_type() != f32::datum_type() || kernel.shape()[1] != cin {
+        return Ok(None);
+    }
+    let geometry = Geometry {
+        in_channels: cin,
+        out_channels: kernel.shape()[0],
+        input: (h, w),
+        output: (h, w),
+        kernel: (1, 1),
+        stride: (1, 1),
+        pad: (0, 0),
+    };
+    let kernel = kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    Ok(Some((geometry, kernel, None)))
+}
+
+/// The bias after `from`: a sum with a constant of one value per output
+/// channel, the only reader of `from`.
+fn bias_after(model: &TypedModel, from: OutletId, channels: usize) -> TractResult<Option<(Vec<f32>, OutletId)>> {
+    let Some(next) = only_reader(model, from) else { return Ok(None) };
+    let node = model.node(next);
+    let Some(bin) = node.op_as::<TypedBinOp>() else { return Ok(None) };
+    if bin.0.name() != "Add" || bin.1.is_some() {
+        return Ok(None);
+    }
+    let other = node.inputs.iter().find(|&&o| o != from).copied();
+    let Some(bias) = other.map(|o| constant(model, o)).transpose()?.flatten() else { return Ok(None) };
+    let per_channel = bias.shape().last() == Some(&channels) && bias.len() == channels;
+    if !per_channel || bias.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    Ok(Some((bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(), OutletId::new(next, 0))))
+}
+
+/// The residual sum after `from`: a sum with another float32 tensor of the
+/// same shape, the only reader of `from`. Returns that tensor's outlet.
+fn residual_after(model: &TypedModel, from: OutletId) -> TractResult<Option<(OutletId, OutletId)>> {
+    let Some(next) = only_reader(model, from) else { return Ok(None) };
+    let node = model.node(next);
+    let Some(bin) = node.op_as::<TypedBinOp>() else { return Ok(None) };
+    if bin.0.name() != "Add" || bin.1.is_some() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let Some(&other) = node.inputs.iter().find(|&&o| o != from) else { return Ok(None) };
+    let (ours, theirs) = (model.outlet_fact(from)?, model.outlet_fact(other)?);
+    if theirs.datum_type != f32::datum_type() || theirs.shape != ours.shape || ours.shape.as_concrete().is_none() {
+        return Ok(None);
+    }
+    Ok(Some((other, OutletId::new(next, 0))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_tflite::internal::tract_core::ops::cnn::PoolSpec;
+    use tract_tflite::internal::tract_core::ops::math;
+
+    /// Values in [-1, 1), the same on every run.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                (state >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    struct Case {
+        batch: usize,
+        size: (usize, usize),
+        channels: (usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: PaddingSpec,
+        clamp: &'static [(&'static str, f32)],
+        /// Adds the input to the output, as a residual connection does.
+        residual: bool,
+    }
+
+    const RELU6: &[(&str, f32)] = &[("Max", 0.0), ("Min", 6.0)];
+
+    impl Case {
+        fn new(size: (usize, usize), channels: (usize, usize), kernel: usize, stride: usize) -> Case {
+            Case {
+                batch: 1,
+                size,
+                channels,
+                kernel,
+                stride,
+                padding: PaddingSpec::SameUpper,
+                clamp: RELU6,
+                residual: false,
+            }
+        }
+
+        fn input(&self) -> Tensor {
+            let (h, w) = self.size;
+            let shape = [self.batch, h, w, self.channels.0];
+            Tensor::from_shape(&shape, &values(shape.iter().product(), 3)).unwrap()
+        }
+    }
+
+    /// A convolution as tract-tflite wires one, then the clamp and the sum,
+    /// decluttered as the tool does (which makes 1x1 ones an `EinSum`).
+    fn graph(case: &Case) -> TypedModel {
+        let (h, w) = case.size;
+        let ((cin, cout), k) = (case.channels, case.kernel);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([case.batch, h, w, cin])).unwrap();
+        let kernel = Tensor::from_shape(&[cout, k, k, cin], &values(cout * k * k * cin, 1)).unwrap();
+        let kernel = model.add_const("kernel", kernel).unwrap();
+        let bias = model.add_const("bias", Tensor::from_shape(&[cout], &values(cout, 2)).unwrap()).unwrap();
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NHWC,
+                kernel_shape: tvec!(k, k),
+                padding: case.padding.clone(),
+                dilations: Some(tvec!(1, 1)),
+                strides: Some(tvec!(case.stride, case.stride)),
+                input_channels: cin,
+                output_channels: cout,
+            },
+            kernel_fmt: KernelFormat::OHWI,
+            group: 1,
+            q_params: None,
+        };
+        let mut wire = model.wire_node("conv", conv, &[x, kernel, bias]).unwrap()[0];
+        for (name, bound) in case.clamp {
+            let bound = model.add_const(format!("{name}.bound"), tensor4(&[[[[*bound]]]])).unwrap();
+            let op = if *name == "Max" { math::max() } else { math::min() };
+            wire = model.wire_node(*name, op, &[wire, bound]).unwrap()[0];
+        }
+        if case.residual {
+            wire = model.wire_node("residual", math::add(), &[wire, x]).unwrap()[0];
+        }
+        model.select_output_outlets(&[wire]).unwrap();
+        super::super::declutter().optimize(&mut model).unwrap();
+        model
+    }
+
+    fn run_plan(model: TypedModel, input: &Tensor) -> Vec<f32> {
+        let plan = model.into_runnable().unwrap();
+        let output = plan.run(tvec!(input.clone().into())).unwrap().remove(0).into_tensor();
+        output.to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    }
+
+    fn assert_close(expected: &[f32], got: &[f32], what: &str) {
+        assert_eq!(expected.len(), got.len(), "{what}");
+        for (i, (e, g)) in expected.iter().zip(got).enumerate() {
+            assert!((e - g).abs() <= 1e-4 * (1.0 + e.abs()), "{what}, at {i}: tract {e}, ours {g}");
+        }
+    }
+
+    /// Runs `case` through tract's own code and through this module's, on
+    /// every kind of vector this CPU has, and checks they all agree.
+    fn check(case: Case) {
+        let input = case.input();
+        let mut tract = graph(&case);
+        let mut ours = tract.clone();
+        tract.optimize().unwrap();
+        assert_eq!(fuse(&mut ours).unwrap(), 1);
+        ours.compact().unwrap();
+        // Everything after the convolution went into the op.
+        let ops: Vec<String> = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        let op = ours.nodes().iter().find_map(|n| n.op_as::<DenseConv>()).unwrap().clone();
+        let expected = run_plan(tract, &input);
+        let mut optimized = ours.clone();
+        optimized.optimize().unwrap();
+        assert_close(&expected, &run_plan(optimized, &input), "plan");
+
+        // Each implementation on its own, one image.
+        let g = op.geometry;
+        let per_image_in = g.input.0 * g.input.1 * g.in_channels;
+        let src = &input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap()[..per_image_in].to_vec();
+        let per_image_out = g.output.0 * g.output.1 * g.out_channels;
+        let residual = case.residual.then(|| src.clone());
+        let mut dst = vec![f32::NAN; per_image_out];
+        unsafe { run_with::<[f32; LANES], 1, 1, 1>(&op, src, &mut dst, residual.as_deref()) };
+        assert_close(&expected[..per_image_out], &dst, "portable");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                let mut dst = vec![f32::NAN; per_image_out];
+                unsafe { run_avx2(&op, src, &mut dst, residual.as_deref()) };
+                assert_close(&expected[..per_image_out], &dst, "avx2");
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+                let mut dst = vec![f32::NAN; per_image_out];
+                unsafe { run_avx512(&op, src, &mut dst, residual.as_deref()) };
+                assert_close(&expected[..per_image_out], &dst, "avx512");
+            }
+        }
+    }
+
+    #[test]
+    fn a_first_convolution_agrees_with_tract() {
+        // MobileNet's: three channels in, 32 out, 3x3, stride 2, on odd and even sizes.
+        check(Case::new((9, 8), (3, 32), 3, 2));
+        check(Case::new((11, 13), (3, 32), 3, 2));
+    }
+
+    #[test]
+    fn other_convolutions_agree_with_tract() {
+        // 24 and 56 outputs: a part vector; 56 also a block of three then one.
+        let valid = Case { padding: PaddingSpec::Valid, clamp: &[], ..Case::new((7, 7), (5, 24), 3, 1) };
+        check(valid);
+        let explicit = PaddingSpec::Explicit(tvec!(2, 0), tvec!(0, 1));
+        check(Case { padding: explicit, ..Case::new((6, 6), (4, 56), 3, 1) });
+        check(Case { clamp: &[("Max", 0.0)], ..Case::new((9, 9), (2, 40), 5, 2) });
+    }
+
+    #[test]
+    fn pointwise_convolutions_agree_with_tract() {
+        // Expanding (9 vectors: blocks of 3) and projecting (16 + 8 lanes),
+        // over more pixels than a block sums at once and a remainder.
+        check(Case::new((7, 5), (24, 144), 1, 1));
+        check(Case { clamp: &[], ..Case::new((5, 5), (144, 24), 1, 1) });
+        check(Case { batch: 2, ..Case::new((3, 4), (16, 80), 1, 1) });
+    }
+
+    #[test]
+    fn a_residual_sum_is_fused_after_the_clamp() {
+        check(Case { residual: true, clamp: &[], ..Case::new((4, 6), (32, 32), 1, 1) });
+        check(Case { residual: true, ..Case::new((5, 5), (24, 24), 3, 1) });
+    }
+}
