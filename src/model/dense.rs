@@ -133,10 +133,10 @@ impl TypedOp for DenseConv {
     as_op!();
 }
 
-/// Runs the op on one image, with the widest vector instructions this CPU
-/// has. The numbers after the vector type are how many pixels are summed at
-/// once for blocks of 3, 2 and 1 output vectors: as many as the CPU's vector
-/// registers hold sums for, with room left for the weights.
+/// Runs the op on one image. The numbers after the vector type are how many
+/// pixels are summed at once for blocks of 3, 2 and 1 output vectors: as
+/// many as the CPU's vector registers hold sums for, with room left for the
+/// weights.
 fn run(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -144,11 +144,8 @@ fn run(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
             // SAFETY: the CPU has the features `run_avx512` is compiled for.
             return unsafe { run_avx512(op, src, dst, residual) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { run_avx2(op, src, dst, residual) };
-        }
     }
+    // Not reached: the op is only put in a plan where `has_vector_kernels`.
     // SAFETY: plain arrays need no CPU feature.
     unsafe { run_with::<[f32; LANES], 1, 1, 1>(op, src, dst, residual) }
 }
@@ -160,15 +157,6 @@ fn run_avx512(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f
     // 32 registers of 16 lanes: 24 for sums.
     // SAFETY: the features `__m512` needs are enabled here.
     unsafe { run_with::<__m512, 8, 12, 16>(op, src, dst, residual) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn run_avx2(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
-    use std::arch::x86_64::__m256;
-    // 16 registers of 8 lanes: 12 for sums.
-    // SAFETY: the features `__m256` needs are enabled here.
-    unsafe { run_with::<[__m256; 2], 2, 3, 6>(op, src, dst, residual) }
 }
 
 /// `LANES` float32 values in vector registers.
@@ -197,28 +185,6 @@ impl Lanes for std::arch::x86_64::__m512 {
     #[inline(always)]
     unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
         unsafe { std::arch::x86_64::_mm512_fmadd_ps(self, x, acc) }
-    }
-    #[inline(always)]
-    unsafe fn to_array(self) -> [f32; LANES] {
-        unsafe { std::mem::transmute(self) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes for [std::arch::x86_64::__m256; 2] {
-    #[inline(always)]
-    unsafe fn load(data: &[f32], at: usize) -> Self {
-        use std::arch::x86_64::_mm256_loadu_ps;
-        unsafe { [_mm256_loadu_ps(data.as_ptr().add(at)), _mm256_loadu_ps(data.as_ptr().add(at + 8))] }
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        unsafe { [std::arch::x86_64::_mm256_set1_ps(x); 2] }
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, x: Self, acc: Self) -> Self {
-        use std::arch::x86_64::_mm256_fmadd_ps;
-        unsafe { [_mm256_fmadd_ps(self[0], x[0], acc[0]), _mm256_fmadd_ps(self[1], x[1], acc[1])] }
     }
     #[inline(always)]
     unsafe fn to_array(self) -> [f32; LANES] {
@@ -414,12 +380,14 @@ fn clamp(op: &DenseConv, a: f32) -> f32 {
     if a > op.high { op.high } else { a }
 }
 
-/// Whether this CPU runs [`DenseConv`] with vector instructions. Elsewhere
-/// tract's own matrix products, written for that CPU, are the better choice.
+/// Whether this CPU runs [`DenseConv`] with the vector instructions it was
+/// measured with: AVX-512. Elsewhere tract's own matrix products, written
+/// for that CPU, stay (with AVX2 the op was slower than with AVX-512 by half,
+/// and tract's AVX2 kernels could not be measured on the same machine).
 pub fn has_vector_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -765,11 +733,6 @@ mod tests {
         assert_close(&expected[..per_image_out], &dst, "portable");
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                let mut dst = vec![f32::NAN; per_image_out];
-                unsafe { run_avx2(&op, src, &mut dst, residual.as_deref()) };
-                assert_close(&expected[..per_image_out], &dst, "avx2");
-            }
             if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
                 let mut dst = vec![f32::NAN; per_image_out];
                 unsafe { run_avx512(&op, src, &mut dst, residual.as_deref()) };
