@@ -176,6 +176,7 @@ trait Lanes: Copy {
 impl Lanes for std::arch::x86_64::__m512 {
     #[inline(always)]
     unsafe fn load(data: &[f32], at: usize) -> Self {
+        debug_assert!(at + LANES <= data.len());
         unsafe { std::arch::x86_64::_mm512_loadu_ps(data.as_ptr().add(at)) }
     }
     #[inline(always)]
@@ -420,7 +421,9 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
 #[allow(clippy::type_complexity)]
 fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<((DenseConv, Option<OutletId>), OutletId)>> {
     let node = model.node(id);
-    let Some((geometry, kernel, bias)) = conv_at(model, node)?.or(einsum_at(model, node)?) else {
+    let Some((geometry, kernel, bias)) =
+        conv_at(model, node)?.map_or_else(|| einsum_at(model, node), |c| Ok(Some(c)))?
+    else {
         return Ok(None);
     };
     let g = geometry;
@@ -768,8 +771,125 @@ mod tests {
     }
 
     #[test]
+    fn blocks_of_three_vectors_agree_with_tract_at_the_edges() {
+        // 48 outputs: 8 pixels by 3 vectors at once, where every run of 8
+        // pixels of a padded row holds an edge pixel.
+        check(Case::new((10, 9), (5, 48), 3, 1));
+    }
+
+    #[test]
     fn a_residual_sum_is_fused_after_the_clamp() {
         check(Case { residual: true, clamp: &[], ..Case::new((4, 6), (32, 32), 1, 1) });
         check(Case { residual: true, ..Case::new((5, 5), (24, 24), 3, 1) });
+        check(Case { batch: 3, residual: true, ..Case::new((5, 7), (40, 40), 3, 1) });
+    }
+
+    /// Optimizes `model` with tract alone and as the tool does, checks both
+    /// give the same outputs, and returns the names of the tool's plan's ops.
+    fn compare_with_tract(model: TypedModel, input: &Tensor) -> Vec<String> {
+        let mut tract = model.clone();
+        tract.optimize().unwrap();
+        let ours = super::super::optimize(model).unwrap();
+        let names = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        let expected = tract.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap();
+        let got = ours.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap();
+        assert_eq!(expected.len(), got.len());
+        for (e, g) in expected.iter().zip(&got) {
+            assert_eq!(e.shape(), g.shape());
+            let (e, g) = (e.to_plain_array_view::<f32>().unwrap(), g.to_plain_array_view::<f32>().unwrap());
+            assert_close(e.as_slice().unwrap(), g.as_slice().unwrap(), "model");
+        }
+        names
+    }
+
+    fn conv(
+        model: &mut TypedModel,
+        name: &str,
+        x: OutletId,
+        k: usize,
+        group: bool,
+        (cin, cout): (usize, usize),
+    ) -> OutletId {
+        let kernel = match group {
+            true => Tensor::from_shape(&[1, k, k, cin], &values(k * k * cin, 4)).unwrap(),
+            false => Tensor::from_shape(&[cout, k, k, cin], &values(cout * k * k * cin, 4)).unwrap(),
+        };
+        let kernel = model.add_const(format!("{name}.kernel"), kernel).unwrap();
+        let bias = model.add_const(format!("{name}.bias"), Tensor::from_shape(&[cout], &values(cout, 5)).unwrap());
+        let op = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NHWC,
+                kernel_shape: tvec!(k, k),
+                padding: PaddingSpec::SameUpper,
+                dilations: None,
+                strides: None,
+                input_channels: cin,
+                output_channels: cout,
+            },
+            kernel_fmt: KernelFormat::OHWI,
+            group: if group { cin } else { 1 },
+            q_params: None,
+        };
+        model.wire_node(name, op, &[x, kernel, bias.unwrap()]).unwrap()[0]
+    }
+
+    fn relu6(model: &mut TypedModel, name: &str, mut wire: OutletId) -> OutletId {
+        for (op, bound) in [("Max", 0.0f32), ("Min", 6.0)] {
+            let bound = model.add_const(format!("{name}.{op}.bound"), tensor4(&[[[[bound]]]])).unwrap();
+            let op = if op == "Max" { math::max() } else { math::min() };
+            wire = model.wire_node(format!("{name}.{op:?}"), op, &[wire, bound]).unwrap()[0];
+        }
+        wire
+    }
+
+    #[test]
+    fn mobilenet_blocks_run_in_the_tools_ops_through_the_whole_optimization() {
+        // Two inverted residual blocks, as the tool prepares them: the
+        // depthwise pass, then this one, then tract's codegen.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([2, 6, 6, 16])).unwrap();
+        let mut wire = x;
+        for block in 0..2 {
+            let expand = conv(&mut model, &format!("expand{block}"), wire, 1, false, (16, 48));
+            let expand = relu6(&mut model, &format!("expand{block}.relu6"), expand);
+            let depthwise = conv(&mut model, &format!("depthwise{block}"), expand, 3, true, (48, 48));
+            let depthwise = relu6(&mut model, &format!("depthwise{block}.relu6"), depthwise);
+            let project = conv(&mut model, &format!("project{block}"), depthwise, 1, false, (48, 16));
+            wire = model.wire_node(format!("add{block}"), math::add(), &[wire, project]).unwrap()[0];
+        }
+        model.select_output_outlets(&[wire]).unwrap();
+        let names = compare_with_tract(model, &Tensor::from_shape(&[2, 6, 6, 16], &values(2 * 6 * 6 * 16, 6)).unwrap());
+        let count = |name: &str| names.iter().filter(|n| *n == name).count();
+        assert_eq!(count("DepthwiseConvNhwcF32"), 2, "{names:?}");
+        if has_vector_kernels() {
+            // Source, and three ops a block: nothing of tract's left.
+            assert_eq!(count("DenseConvNhwcF32"), 4, "{names:?}");
+            assert_eq!(names.len(), 7, "{names:?}");
+        }
+    }
+
+    #[test]
+    fn what_else_reads_or_does_not_fit_is_left_to_tract() {
+        // The convolution's output is also the model's: its clamp stays out.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 4, 4, 8])).unwrap();
+        let c = conv(&mut model, "c", x, 1, false, (8, 16));
+        let clamped = relu6(&mut model, "c.relu6", c);
+        model.select_output_outlets(&[clamped, c]).unwrap();
+        let input = Tensor::from_shape(&[1, 4, 4, 8], &values(128, 7)).unwrap();
+        let names = compare_with_tract(model, &input);
+        if has_vector_kernels() {
+            assert!(names.iter().any(|n| n.contains("DenseConv")), "{names:?}");
+            assert!(names.iter().any(|n| n.contains("Max") || n.contains("Min") || n.contains("Bin")), "{names:?}");
+        }
+
+        // A sum with a constant that varies along the width is not a bias.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 4, 4, 8])).unwrap();
+        let c = conv(&mut model, "c", x, 1, false, (8, 4));
+        let across = model.add_const("across", Tensor::from_shape(&[1, 1, 4, 1], &values(4, 8)).unwrap()).unwrap();
+        let sum = model.wire_node("sum", math::add(), &[c, across]).unwrap()[0];
+        model.select_output_outlets(&[sum]).unwrap();
+        compare_with_tract(model, &input);
     }
 }
