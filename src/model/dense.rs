@@ -606,20 +606,9 @@ fn residual_after(model: &TypedModel, from: OutletId) -> TractResult<Option<(Out
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{RELU6, assert_close, clamp, conv, conv_op, run, values};
     use super::*;
-    use tract_tflite::internal::tract_core::ops::cnn::PoolSpec;
     use tract_tflite::internal::tract_core::ops::math;
-
-    /// Values in [-1, 1), the same on every run.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                (state >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     struct Case {
         batch: usize,
@@ -632,8 +621,6 @@ mod tests {
         /// Adds the input to the output, as a residual connection does.
         residual: bool,
     }
-
-    const RELU6: &[(&str, f32)] = &[("Max", 0.0), ("Min", 6.0)];
 
     impl Case {
         fn new(size: (usize, usize), channels: (usize, usize), kernel: usize, stride: usize) -> Case {
@@ -652,7 +639,7 @@ mod tests {
         fn input(&self) -> Tensor {
             let (h, w) = self.size;
             let shape = [self.batch, h, w, self.channels.0];
-            Tensor::from_shape(&shape, &values(shape.iter().product(), 3)).unwrap()
+            Tensor::from_shape(&shape, &values(shape.iter().product(), 3, 1.0)).unwrap()
         }
     }
 
@@ -660,32 +647,11 @@ mod tests {
     /// decluttered as the tool does (which makes 1x1 ones an `EinSum`).
     fn graph(case: &Case) -> TypedModel {
         let (h, w) = case.size;
-        let ((cin, cout), k) = (case.channels, case.kernel);
         let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([case.batch, h, w, cin])).unwrap();
-        let kernel = Tensor::from_shape(&[cout, k, k, cin], &values(cout * k * k * cin, 1)).unwrap();
-        let kernel = model.add_const("kernel", kernel).unwrap();
-        let bias = model.add_const("bias", Tensor::from_shape(&[cout], &values(cout, 2)).unwrap()).unwrap();
-        let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NHWC,
-                kernel_shape: tvec!(k, k),
-                padding: case.padding.clone(),
-                dilations: Some(tvec!(1, 1)),
-                strides: Some(tvec!(case.stride, case.stride)),
-                input_channels: cin,
-                output_channels: cout,
-            },
-            kernel_fmt: KernelFormat::OHWI,
-            group: 1,
-            q_params: None,
-        };
-        let mut wire = model.wire_node("conv", conv, &[x, kernel, bias]).unwrap()[0];
-        for (name, bound) in case.clamp {
-            let bound = model.add_const(format!("{name}.bound"), tensor4(&[[[[*bound]]]])).unwrap();
-            let op = if *name == "Max" { math::max() } else { math::min() };
-            wire = model.wire_node(*name, op, &[wire, bound]).unwrap()[0];
-        }
+        let x = model.add_source("x", f32::fact([case.batch, h, w, case.channels.0])).unwrap();
+        let op = conv_op(case.kernel, case.stride, case.padding.clone(), case.channels, 1);
+        let mut wire = conv(&mut model, "conv", x, op);
+        wire = clamp(&mut model, "conv", wire, case.clamp);
         if case.residual {
             wire = model.wire_node("residual", math::add(), &[wire, x]).unwrap()[0];
         }
@@ -695,16 +661,7 @@ mod tests {
     }
 
     fn run_plan(model: TypedModel, input: &Tensor) -> Vec<f32> {
-        let plan = model.into_runnable().unwrap();
-        let output = plan.run(tvec!(input.clone().into())).unwrap().remove(0).into_tensor();
-        output.to_plain_array_view::<f32>().unwrap().iter().copied().collect()
-    }
-
-    fn assert_close(expected: &[f32], got: &[f32], what: &str) {
-        assert_eq!(expected.len(), got.len(), "{what}");
-        for (i, (e, g)) in expected.iter().zip(got).enumerate() {
-            assert!((e - g).abs() <= 1e-4 * (1.0 + e.abs()), "{what}, at {i}: tract {e}, ours {g}");
-        }
+        run(model, input).to_plain_array_view::<f32>().unwrap().iter().copied().collect()
     }
 
     /// Runs `case` through tract's own code and through this module's, on
@@ -802,46 +759,6 @@ mod tests {
         names
     }
 
-    fn conv(
-        model: &mut TypedModel,
-        name: &str,
-        x: OutletId,
-        k: usize,
-        group: bool,
-        (cin, cout): (usize, usize),
-    ) -> OutletId {
-        let kernel = match group {
-            true => Tensor::from_shape(&[1, k, k, cin], &values(k * k * cin, 4)).unwrap(),
-            false => Tensor::from_shape(&[cout, k, k, cin], &values(cout * k * k * cin, 4)).unwrap(),
-        };
-        let kernel = model.add_const(format!("{name}.kernel"), kernel).unwrap();
-        let bias = model.add_const(format!("{name}.bias"), Tensor::from_shape(&[cout], &values(cout, 5)).unwrap());
-        let op = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NHWC,
-                kernel_shape: tvec!(k, k),
-                padding: PaddingSpec::SameUpper,
-                dilations: None,
-                strides: None,
-                input_channels: cin,
-                output_channels: cout,
-            },
-            kernel_fmt: KernelFormat::OHWI,
-            group: if group { cin } else { 1 },
-            q_params: None,
-        };
-        model.wire_node(name, op, &[x, kernel, bias.unwrap()]).unwrap()[0]
-    }
-
-    fn relu6(model: &mut TypedModel, name: &str, mut wire: OutletId) -> OutletId {
-        for (op, bound) in [("Max", 0.0f32), ("Min", 6.0)] {
-            let bound = model.add_const(format!("{name}.{op}.bound"), tensor4(&[[[[bound]]]])).unwrap();
-            let op = if op == "Max" { math::max() } else { math::min() };
-            wire = model.wire_node(format!("{name}.{op:?}"), op, &[wire, bound]).unwrap()[0];
-        }
-        wire
-    }
-
     #[test]
     fn mobilenet_blocks_run_in_the_tools_ops_through_the_whole_optimization() {
         // Two inverted residual blocks, as the tool prepares them: the
@@ -850,15 +767,27 @@ mod tests {
         let x = model.add_source("x", f32::fact([2, 6, 6, 16])).unwrap();
         let mut wire = x;
         for block in 0..2 {
-            let expand = conv(&mut model, &format!("expand{block}"), wire, 1, false, (16, 48));
-            let expand = relu6(&mut model, &format!("expand{block}.relu6"), expand);
-            let depthwise = conv(&mut model, &format!("depthwise{block}"), expand, 3, true, (48, 48));
-            let depthwise = relu6(&mut model, &format!("depthwise{block}.relu6"), depthwise);
-            let project = conv(&mut model, &format!("project{block}"), depthwise, 1, false, (48, 16));
+            let expand =
+                conv(&mut model, &format!("expand{block}"), wire, conv_op(1, 1, PaddingSpec::SameUpper, (16, 48), 1));
+            let expand = clamp(&mut model, &format!("expand{block}.relu6"), expand, RELU6);
+            let depthwise = conv(
+                &mut model,
+                &format!("depthwise{block}"),
+                expand,
+                conv_op(3, 1, PaddingSpec::SameUpper, (48, 48), 48),
+            );
+            let depthwise = clamp(&mut model, &format!("depthwise{block}.relu6"), depthwise, RELU6);
+            let project = conv(
+                &mut model,
+                &format!("project{block}"),
+                depthwise,
+                conv_op(1, 1, PaddingSpec::SameUpper, (48, 16), 1),
+            );
             wire = model.wire_node(format!("add{block}"), math::add(), &[wire, project]).unwrap()[0];
         }
         model.select_output_outlets(&[wire]).unwrap();
-        let names = compare_with_tract(model, &Tensor::from_shape(&[2, 6, 6, 16], &values(2 * 6 * 6 * 16, 6)).unwrap());
+        let names =
+            compare_with_tract(model, &Tensor::from_shape(&[2, 6, 6, 16], &values(2 * 6 * 6 * 16, 6, 1.0)).unwrap());
         let count = |name: &str| names.iter().filter(|n| *n == name).count();
         assert_eq!(count("DepthwiseConvNhwcF32"), 2, "{names:?}");
         if has_vector_kernels() {
@@ -873,10 +802,10 @@ mod tests {
         // The convolution's output is also the model's: its clamp stays out.
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, 4, 4, 8])).unwrap();
-        let c = conv(&mut model, "c", x, 1, false, (8, 16));
-        let clamped = relu6(&mut model, "c.relu6", c);
+        let c = conv(&mut model, "c", x, conv_op(1, 1, PaddingSpec::SameUpper, (8, 16), 1));
+        let clamped = clamp(&mut model, "c.relu6", c, RELU6);
         model.select_output_outlets(&[clamped, c]).unwrap();
-        let input = Tensor::from_shape(&[1, 4, 4, 8], &values(128, 7)).unwrap();
+        let input = Tensor::from_shape(&[1, 4, 4, 8], &values(128, 7, 1.0)).unwrap();
         let names = compare_with_tract(model, &input);
         if has_vector_kernels() {
             assert!(names.iter().any(|n| n.contains("DenseConv")), "{names:?}");
@@ -886,8 +815,8 @@ mod tests {
         // A sum with a constant that varies along the width is not a bias.
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, 4, 4, 8])).unwrap();
-        let c = conv(&mut model, "c", x, 1, false, (8, 4));
-        let across = model.add_const("across", Tensor::from_shape(&[1, 1, 4, 1], &values(4, 8)).unwrap()).unwrap();
+        let c = conv(&mut model, "c", x, conv_op(1, 1, PaddingSpec::SameUpper, (8, 4), 1));
+        let across = model.add_const("across", Tensor::from_shape(&[1, 1, 4, 1], &values(4, 8, 1.0)).unwrap()).unwrap();
         let sum = model.wire_node("sum", math::add(), &[c, across]).unwrap()[0];
         model.select_output_outlets(&[sum]).unwrap();
         compare_with_tract(model, &input);

@@ -457,20 +457,8 @@ pub(super) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<usize>
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{RELU6, assert_close, clamp, conv, conv_op, run, values};
     use super::*;
-    use tract_tflite::internal::tract_core::ops::cnn::PoolSpec;
-    use tract_tflite::internal::tract_core::ops::math;
-
-    /// Values in [-2, 2), the same on every run.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                (state >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
-    }
 
     struct Case {
         size: (usize, usize),
@@ -484,46 +472,26 @@ mod tests {
     /// A depthwise convolution as tract-tflite wires one, then the clamp.
     fn graph(case: &Case) -> TypedModel {
         let (h, w) = case.size;
-        let (c, k) = (case.channels, case.kernel);
+        let c = case.channels;
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, h, w, c])).unwrap();
-        let kernel = Tensor::from_shape(&[1, k, k, c], &values(k * k * c, 1)).unwrap();
-        let kernel = model.add_const("kernel", kernel).unwrap();
-        let bias = model.add_const("bias", Tensor::from_shape(&[c], &values(c, 2)).unwrap()).unwrap();
-        let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NHWC,
-                kernel_shape: tvec!(k, k),
-                padding: case.padding.clone(),
-                dilations: Some(tvec!(1, 1)),
-                strides: Some(tvec!(case.stride, case.stride)),
-                input_channels: c,
-                output_channels: c,
-            },
-            kernel_fmt: KernelFormat::OHWI,
-            group: c,
-            q_params: None,
-        };
-        let mut wire = model.wire_node("conv", conv, &[x, kernel, bias]).unwrap()[0];
-        for (name, bound) in case.clamp {
-            let bound = model.add_const(format!("{name}.bound"), tensor4(&[[[[*bound]]]])).unwrap();
-            let op = if *name == "Max" { math::max() } else { math::min() };
-            wire = model.wire_node(*name, op, &[wire, bound]).unwrap()[0];
-        }
+        let op = conv_op(case.kernel, case.stride, case.padding.clone(), (c, c), c);
+        let wire = conv(&mut model, "conv", x, op);
+        let wire = clamp(&mut model, "conv", wire, case.clamp);
         model.select_output_outlets(&[wire]).unwrap();
         model
     }
 
-    fn run(model: TypedModel, input: &Tensor) -> Tensor {
-        let plan = model.into_runnable().unwrap();
-        plan.run(tvec!(input.clone().into())).unwrap().remove(0).into_tensor()
+    /// Inputs in [-2, 2): enough for sums past the clamps.
+    fn input(h: usize, w: usize, c: usize) -> Vec<f32> {
+        values(h * w * c, 3, 2.0)
     }
 
     /// Runs `case` through tract's own depthwise code and through this
     /// module's, and checks they agree.
     fn check(case: Case) {
         let (h, w) = case.size;
-        let input = Tensor::from_shape(&[1, h, w, case.channels], &values(h * w * case.channels, 3)).unwrap();
+        let input = Tensor::from_shape(&[1, h, w, case.channels], &input(h, w, case.channels)).unwrap();
         let mut tract = graph(&case);
         super::super::declutter().optimize(&mut tract).unwrap();
         let mut ours = tract.clone();
@@ -536,14 +504,10 @@ mod tests {
         assert_eq!(ops.iter().filter(|o| o.contains("Max") || o.contains("Min")).count(), 0, "{ops:?}");
         let (expected, got) = (run(tract, &input), run(ours, &input));
         assert_eq!(expected.shape(), got.shape());
-        let expected = expected.to_plain_array_view::<f32>().unwrap();
-        let got = got.to_plain_array_view::<f32>().unwrap();
-        for (i, (e, g)) in expected.iter().zip(got.iter()).enumerate() {
-            assert!((e - g).abs() <= 1e-4 * (1.0 + e.abs()), "at {i}: tract {e}, ours {g}");
-        }
+        let (expected, got) =
+            (expected.to_plain_array_view::<f32>().unwrap(), got.to_plain_array_view::<f32>().unwrap());
+        assert_close(expected.as_slice().unwrap(), got.as_slice().unwrap(), "depthwise");
     }
-
-    const RELU6: &[(&str, f32)] = &[("Max", 0.0), ("Min", 6.0)];
 
     #[test]
     fn agrees_with_tract_stride_one_same_padding() {
@@ -596,7 +560,7 @@ mod tests {
         let mut model = graph(&case);
         super::super::declutter().optimize(&mut model).unwrap();
         assert_eq!(fuse(&mut model).unwrap(), 1);
-        let mut image = values(4 * 4 * 16, 3);
+        let mut image = input(4, 4, 16);
         image[0] = f32::NAN;
         let out = run(model, &Tensor::from_shape(&[1, 4, 4, 16], &image).unwrap());
         assert!(out.to_plain_array_view::<f32>().unwrap()[[0, 0, 0, 0]].is_nan());
@@ -612,22 +576,9 @@ mod tests {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, 5, 5, 16])).unwrap();
         let kernel = model.add_source("kernel", f32::fact([1, 3, 3, 16])).unwrap();
-        let bias = model.add_const("bias", Tensor::from_shape(&[16], &values(16, 2)).unwrap()).unwrap();
-        let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NHWC,
-                kernel_shape: tvec!(3, 3),
-                padding: PaddingSpec::SameUpper,
-                dilations: None,
-                strides: None,
-                input_channels: 16,
-                output_channels: 16,
-            },
-            kernel_fmt: KernelFormat::OHWI,
-            group: 16,
-            q_params: None,
-        };
-        let y = model.wire_node("conv", conv, &[x, kernel, bias]).unwrap();
+        let bias = model.add_const("bias", Tensor::from_shape(&[16], &values(16, 2, 1.0)).unwrap()).unwrap();
+        let op = conv_op(3, 1, PaddingSpec::SameUpper, (16, 16), 16);
+        let y = model.wire_node("conv", op, &[x, kernel, bias]).unwrap();
         model.select_output_outlets(&y).unwrap();
         assert_eq!(fuse(&mut model).unwrap(), 0);
     }

@@ -5,6 +5,8 @@ mod archive;
 mod dense;
 mod depthwise;
 pub mod dequantize;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
