@@ -20,7 +20,7 @@ use tract_tflite::internal::tract_core::ops::einsum::EinSum;
 use tract_tflite::internal::tract_core::ops::nn::DataFormat;
 use tract_tflite::internal::*;
 
-use super::depthwise::{LANES, constant, fused_clamp, lanes, multiply_add, only_reader, taps};
+use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, only_reader, taps};
 
 /// Output vectors summed together for the same input pixels: each input
 /// value loaded is used this many times.
@@ -362,24 +362,17 @@ fn store<const M: usize, const W: usize>(op: &DenseConv, out: &mut Outputs, p: u
             match out.residual {
                 Some(residual) => {
                     for ((o, &s), &r) in dst.iter_mut().zip(sums).zip(&residual[at..][..lanes]) {
-                        *o = clamp(op, s) + r;
+                        *o = clamp(s, op.low, op.high) + r;
                     }
                 }
                 None => {
                     for (o, &s) in dst.iter_mut().zip(sums) {
-                        *o = clamp(op, s);
+                        *o = clamp(s, op.low, op.high);
                     }
                 }
             }
         }
     }
-}
-
-/// As the depthwise op's: two plain selects, a NaN passes through.
-#[inline(always)]
-fn clamp(op: &DenseConv, a: f32) -> f32 {
-    let a = if a < op.low { op.low } else { a };
-    if a > op.high { op.high } else { a }
 }
 
 /// Whether this CPU runs [`DenseConv`] with the vector instructions it was

@@ -11,13 +11,12 @@
 
 use std::sync::Arc;
 
-use tract_tflite::internal::tract_core::ops::binary::TypedBinOp;
 use tract_tflite::internal::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_tflite::internal::tract_core::ops::nn::DataFormat;
 use tract_tflite::internal::*;
 
-/// Channels in one vector of sums: one AVX-512 register, two AVX ones.
-pub(super) const LANES: usize = 16;
+use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, taps};
+
 /// Vectors summed at once: enough independent sums to keep the
 /// multiply-add units busy while loads are in flight.
 const GROUP: usize = 4;
@@ -204,7 +203,7 @@ fn sum_pixels<const FUSED: bool>(
         }
         for (p, sums) in acc.iter().enumerate() {
             for (o, &a) in out[p * c + c0..][..LANES].iter_mut().zip(sums) {
-                *o = clamp(op, a);
+                *o = clamp(a, op.low, op.high);
             }
         }
         c0 += LANES;
@@ -261,7 +260,7 @@ fn remaining_channels<const FUSED: bool>(
                 acc = multiply_add::<FUSED>(src[i + ch], op.kernel[k + ch], acc);
             }
         }
-        out[ch] = clamp(op, acc);
+        out[ch] = clamp(acc, op.low, op.high);
     }
 }
 
@@ -297,48 +296,9 @@ fn sum_vectors<const W: usize, const FUSED: bool>(
     }
     for (v, sums) in acc.iter().enumerate() {
         for (o, &a) in out[c0 + v * LANES..][..LANES].iter_mut().zip(sums) {
-            *o = clamp(op, a);
+            *o = clamp(a, op.low, op.high);
         }
     }
-}
-
-/// Written as comparisons, which become single min and max instructions.
-#[inline(always)]
-fn clamp(op: &DepthwiseConv, a: f32) -> f32 {
-    // A NaN passes through, as in TFLite's own clamps, and is not turned
-    // into a bound when none was fused. Two plain selects: nested ones stop
-    // the compiler from vectorising the stores (19 against 12 ms a model).
-    let a = if a < op.low { op.low } else { a };
-    if a > op.high { op.high } else { a }
-}
-
-/// `LANES` values of `data` from `at`, read without a bounds check: these
-/// reads are most of the op's instructions otherwise.
-///
-/// # Safety
-/// `at + LANES <= data.len()`. The callers read at offsets from `tap`, whose
-/// pixels `taps` keeps inside the input, plus channels below `channels -
-/// LANES`; `eval` checks that the slices have the sizes the geometry says.
-#[inline(always)]
-pub(super) unsafe fn lanes(data: &[f32], at: usize) -> [f32; LANES] {
-    debug_assert!(at + LANES <= data.len());
-    // SAFETY: in bounds, as the caller promises; any alignment will do.
-    unsafe { data.as_ptr().add(at).cast::<[f32; LANES]>().read_unaligned() }
-}
-
-#[inline(always)]
-pub(super) fn multiply_add<const FUSED: bool>(x: f32, w: f32, acc: f32) -> f32 {
-    if FUSED { x.mul_add(w, acc) } else { acc + x * w }
-}
-
-/// The kernel taps `[first, end)` along one axis that fall inside the input
-/// for output position `o`.
-pub(super) fn taps(o: usize, stride: usize, pad: usize, kernel: usize, input: usize) -> (usize, usize) {
-    let start = o * stride;
-    // Tap k reads input row start + k - pad, which must be in [0, input).
-    let first = pad.saturating_sub(start);
-    let end = kernel.min((input + pad).saturating_sub(start));
-    (first, end.max(first))
 }
 
 /// Replaces each depthwise `Conv` of a decluttered float32 channels-last
@@ -416,43 +376,6 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
         high,
     };
     Ok(Some((op, last)))
-}
-
-/// The clamp after `from`: a `max` with a constant, then a `min` with one,
-/// each the only reader of what came before. Returns its bounds (infinite
-/// where there is none) and the last outlet it covers.
-pub(super) fn fused_clamp(model: &TypedModel, from: OutletId) -> TractResult<(f32, f32, OutletId)> {
-    let (mut low, mut high) = (f32::NEG_INFINITY, f32::INFINITY);
-    let mut last = from;
-    for (name, bound) in [("Max", &mut low), ("Min", &mut high)] {
-        let Some(next) = only_reader(model, last) else { break };
-        let Some(bin) = model.node(next).op_as::<TypedBinOp>() else { break };
-        // An op that casts its output is left to tract.
-        if bin.0.name() != name || bin.1.is_some() {
-            break;
-        }
-        let other = model.node(next).inputs.iter().find(|&&o| o != last).copied();
-        let Some(value) = other.map(|o| constant(model, o)).transpose()?.flatten() else { break };
-        let value = match value.cast_to_scalar::<f32>() {
-            Ok(v) if value.len() == 1 && !v.is_nan() => v,
-            _ => break,
-        };
-        *bound = value;
-        last = OutletId::new(next, 0);
-    }
-    Ok((low, high, last))
-}
-
-/// The value of `outlet` if a constant node gives it.
-pub(super) fn constant(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
-    Ok(model.outlet_fact(outlet)?.konst.clone())
-}
-
-/// The one node reading `outlet`, if it has exactly one reader and is not an
-/// output of the model.
-pub(super) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<usize> {
-    let successors = &model.node(outlet.node).outputs[outlet.slot].successors;
-    (successors.len() == 1 && !model.outputs.contains(&outlet)).then(|| successors[0].node)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod archive;
 mod dense;
 mod depthwise;
 pub mod dequantize;
+mod fusing;
 #[cfg(test)]
 mod testing;
 
