@@ -11,8 +11,9 @@
 # image; `local` takes them from dist/ in the build context, for machines
 # that build the binary themselves (see .ci/container-smoke):
 #
-#   cargo build --release --target x86_64-unknown-linux-musl   (needs musl-tools)
-#   mkdir -p dist && cp target/x86_64-unknown-linux-musl/release/classifier dist/
+#   RUSTFLAGS="-C target-feature=+crt-static" \
+#     cargo build --release --target x86_64-unknown-linux-gnu
+#   mkdir -p dist && cp target/x86_64-unknown-linux-gnu/release/classifier dist/
 #   strip dist/classifier
 #   cp /etc/ssl/certs/ca-certificates.crt dist/
 #   docker build --build-arg SOURCE=local -t classifier .
@@ -20,15 +21,18 @@
 ARG SOURCE=build
 
 FROM docker.io/library/rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
- && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
-# A static musl binary: no glibc, no NSS (musl resolves DNS from
-# /etc/resolv.conf and /etc/hosts by itself), no OpenSSL (rustls).
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
+# A static binary linked with glibc, not musl: musl's allocator maps every
+# large block afresh, and the container ran at less than half the speed of
+# the benchmarked build (BENCHMARKS.md). glibc 2.34 and later resolve names
+# from /etc/hosts and /etc/resolv.conf with code built into libc, so the
+# static binary needs no NSS modules in the image; rustls needs no OpenSSL.
+# The explicit --target keeps build scripts and proc-macros dynamic.
+RUN RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target x86_64-unknown-linux-gnu \
  && mkdir -p /dist \
- && cp target/x86_64-unknown-linux-musl/release/classifier /dist/ \
+ && cp target/x86_64-unknown-linux-gnu/release/classifier /dist/ \
  && strip /dist/classifier \
  && cp /etc/ssl/certs/ca-certificates.crt /dist/
 
