@@ -25,9 +25,10 @@ WORKDIR /src
 COPY . .
 # A static binary linked with glibc, not musl: musl's allocator maps every
 # large block afresh, and the container ran at less than half the speed of
-# the benchmarked build (BENCHMARKS.md). glibc 2.34 and later resolve names
-# from /etc/hosts and /etc/resolv.conf with code built into libc, so the
-# static binary needs no NSS modules in the image; rustls needs no OpenSSL.
+# the benchmarked build (BENCHMARKS.md). glibc 2.34 and later look names up
+# in /etc/hosts and DNS with code built into libc, so the static binary
+# needs no NSS modules in the image (the order is container/nsswitch.conf's);
+# rustls needs no OpenSSL.
 # The explicit --target keeps build scripts and proc-macros dynamic.
 RUN RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --locked --target x86_64-unknown-linux-gnu \
@@ -44,6 +45,7 @@ FROM ${SOURCE} AS binary
 FROM scratch
 COPY --from=binary /dist/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=binary /dist/classifier /classifier
+COPY container/nsswitch.conf /etc/nsswitch.conf
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 # nobody: the job needs no privilege, and no file system of its own.
 USER 65534:65534
