@@ -395,25 +395,33 @@ pub fn has_vector_kernels() -> bool {
 pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     let mut fused = 0;
     for id in model.eval_order()? {
-        let Some((op, last)) = dense_at(model, id)? else { continue };
+        let Some(found) = dense_at(model, id)? else { continue };
         let node = model.node(id);
         let mut patch = TypedModelPatch::default();
         let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
-        if let Some(residual) = op.1 {
+        if let Some(residual) = found.residual {
             inputs.push(patch.tap_model(model, residual)?);
         }
-        let wire = patch.wire_node(&node.name, op.0, &inputs)?[0];
-        patch.shunt_outside(model, last, wire)?;
+        let wire = patch.wire_node(&node.name, found.op, &inputs)?[0];
+        patch.shunt_outside(model, found.last, wire)?;
         patch.apply(model)?;
         fused += 1;
     }
     Ok(fused)
 }
 
-/// The op replacing node `id` with the residual input it reads, and the
-/// outlet it replaces, if `id` is a dense convolution this module can run.
-#[allow(clippy::type_complexity)]
-fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<((DenseConv, Option<OutletId>), OutletId)>> {
+/// A dense convolution this module can run, with what follows it.
+struct Found {
+    /// The op that replaces the convolution and the nodes it takes in.
+    op: DenseConv,
+    /// The op's second input, when it takes in a residual sum.
+    residual: Option<OutletId>,
+    /// The last outlet the op replaces.
+    last: OutletId,
+}
+
+/// What replaces node `id`, if it is a dense convolution this module can run.
+fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
     let node = model.node(id);
     let Some((geometry, kernel, bias)) =
         conv_at(model, node)?.map_or_else(|| einsum_at(model, node), |c| Ok(Some(c)))?
@@ -452,7 +460,7 @@ fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<((DenseConv, Op
         high,
         residual: residual.is_some(),
     };
-    Ok(Some(((op, residual.map(|r| r.0)), last)))
+    Ok(Some(Found { op, residual: residual.map(|r| r.0), last }))
 }
 
 /// The weights, `[out][kernel_h][kernel_w][in]`, in the blocks `sum_block` reads.
