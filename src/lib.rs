@@ -7,17 +7,13 @@
 //! [`cache`] keeps the model and labels between runs, and [`cli`] reads the
 //! command line.
 
-pub mod cache;
 pub mod cli;
-pub mod fetch;
+pub mod image;
+pub mod input;
 pub mod labels;
 pub mod model;
-pub mod pipeline;
-pub mod preprocess;
-pub mod progress;
 pub mod rank;
 pub mod render;
-pub mod source;
 
 /// Starts glibc's allocator in the state it settles into after its first
 /// large frees: blocks up to 32 MiB come from the heap, and up to 64 MiB

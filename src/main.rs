@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    let outcome = runtime.block_on(classifier::pipeline::run(&args, &mut stdout));
+    let outcome = runtime.block_on(classifier::cli::run::run(&args, &mut stdout));
     // Results are out: do not wait for decodes of a run that stopped early.
     runtime.shutdown_background();
     match outcome {
@@ -65,7 +65,7 @@ fn init_logging(args: &Args) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| classifier::progress::Stderr)
+        .with_writer(|| classifier::cli::progress::Stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_span_events(FmtSpan::CLOSE)
         .with_target(false)

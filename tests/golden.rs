@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use classifier::model::Model;
-use classifier::{preprocess, rank};
+use classifier::{image as preprocess, rank};
 use serde_json::Value;
 
 fn shared() -> Option<PathBuf> {

@@ -1,13 +1,8 @@
 //! The model stage: from the bytes of a TFLite file (raw or in a gzip'd tar)
 //! to an optimized tract plan that classifies batches of images.
 
-mod archive;
-mod dense;
-mod depthwise;
-pub mod dequantize;
-mod fusing;
-#[cfg(test)]
-mod testing;
+mod kernels;
+pub mod tflite;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,8 +11,10 @@ use std::time::Instant;
 use tract_tflite::internal::tract_core::optim::Optimizer;
 use tract_tflite::prelude::*;
 
-pub use archive::extract_tflite;
-pub use dequantize::{DequantizeError, Normalization};
+use kernels::{dense, depthwise};
+pub use tflite::archive::extract_tflite;
+pub use tflite::dequantize::{DequantizeError, Normalization};
+use tflite::{archive, dequantize};
 
 /// Why a model could not be prepared or run.
 #[derive(Debug, thiserror::Error)]

@@ -658,7 +658,7 @@ mod tests {
             wire = model.wire_node("residual", math::add(), &[wire, x]).unwrap()[0];
         }
         model.select_output_outlets(&[wire]).unwrap();
-        super::super::declutter().optimize(&mut model).unwrap();
+        crate::model::declutter().optimize(&mut model).unwrap();
         model
     }
 
@@ -748,7 +748,7 @@ mod tests {
     fn compare_with_tract(model: TypedModel, input: &Tensor) -> Vec<String> {
         let mut tract = model.clone();
         tract.optimize().unwrap();
-        let ours = super::super::optimize(model).unwrap();
+        let ours = crate::model::optimize(model).unwrap();
         let names = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
         let expected = tract.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap();
         let got = ours.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap();

@@ -416,7 +416,7 @@ mod tests {
         let (h, w) = case.size;
         let input = Tensor::from_shape(&[1, h, w, case.channels], &input(h, w, case.channels)).unwrap();
         let mut tract = graph(&case);
-        super::super::declutter().optimize(&mut tract).unwrap();
+        crate::model::declutter().optimize(&mut tract).unwrap();
         let mut ours = tract.clone();
         tract.optimize().unwrap();
         assert_eq!(fuse(&mut ours).unwrap(), 1);
@@ -470,7 +470,7 @@ mod tests {
         let conv = model.node_by_name("conv").unwrap().id;
         let clamped = model.output_outlets().unwrap()[0];
         model.select_output_outlets(&[OutletId::new(conv, 0), clamped]).unwrap();
-        super::super::declutter().optimize(&mut model).unwrap();
+        crate::model::declutter().optimize(&mut model).unwrap();
         assert_eq!(fuse(&mut model).unwrap(), 1);
         let ops: Vec<String> = model.nodes().iter().map(|n| n.op.name().to_string()).collect();
         assert!(ops.iter().any(|o| o.contains("Max")), "{ops:?}");
@@ -481,7 +481,7 @@ mod tests {
         let case =
             Case { size: (4, 4), channels: 16, kernel: 3, stride: 1, padding: PaddingSpec::SameUpper, clamp: &[] };
         let mut model = graph(&case);
-        super::super::declutter().optimize(&mut model).unwrap();
+        crate::model::declutter().optimize(&mut model).unwrap();
         assert_eq!(fuse(&mut model).unwrap(), 1);
         let mut image = input(4, 4, 16);
         image[0] = f32::NAN;
@@ -490,7 +490,7 @@ mod tests {
 
         let tiny = Case { size: (2, 2), channels: 16, kernel: 3, stride: 1, padding: PaddingSpec::Valid, clamp: RELU6 };
         let mut model = graph(&tiny);
-        super::super::declutter().optimize(&mut model).unwrap();
+        crate::model::declutter().optimize(&mut model).unwrap();
         assert_eq!(fuse(&mut model).unwrap(), 0);
     }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
-use crate::cache::Cache;
+use crate::input::cache::Cache;
 use crate::render::Format;
 
 /// Kaggle's download endpoint for Google's AIY birds V1 classifier, version

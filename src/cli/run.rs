@@ -21,13 +21,13 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug_span, info, info_span, warn};
 
 use crate::cli::{self, Args};
-use crate::fetch::{self, FetchError};
+use crate::image as preprocess;
+use crate::input::Source;
+use crate::input::fetch::{self, FetchError};
 use crate::labels::Labels;
 use crate::model::Model;
-use crate::preprocess;
 use crate::rank::{self, Prediction};
 use crate::render::{self, Outcome};
-use crate::source::Source;
 
 /// The most a model or a label map may weigh.
 const MAX_MODEL_BYTES: u64 = 1 << 30;
@@ -194,7 +194,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> anyhow::Result<Su
     }
     let labels = Arc::new(labels);
 
-    let progress = crate::progress::bar(occurrences.len(), 10, args.quiet);
+    let progress = crate::cli::progress::bar(occurrences.len(), 10, args.quiet);
     let mut printer = Printer::new(&occurrences, outcomes.len(), out, &progress);
     printer.flush(&inputs, &mut outcomes, args.format)?;
 

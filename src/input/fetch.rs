@@ -10,8 +10,8 @@ use reqwest::header::{
 };
 use reqwest::{Client, Response, StatusCode};
 
-use crate::cache::{Cache, Version};
-use crate::source::Source;
+use crate::input::Source;
+use crate::input::cache::{Cache, Version};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
