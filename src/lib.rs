@@ -8,6 +8,8 @@
 //! command line.
 
 pub mod cli;
+pub mod deadline;
+pub mod engine;
 pub mod image;
 pub mod input;
 pub mod labels;

@@ -16,6 +16,13 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&args);
+    let settings = match classifier::cli::Settings::resolve(&args) {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
     // Panics caught while tract reads an untrusted model become errors with
     // their own message; any other panic is a bug and is shown as usual.
     let default_hook = std::panic::take_hook();
@@ -24,14 +31,15 @@ fn main() -> ExitCode {
             default_hook(info);
         }
     }));
-    // Decodes, inference, model preparation and file reads run on the
-    // blocking pool. Every thread that allocates gets its own malloc arena,
-    // which keeps what it once held: tokio's default of 512 threads let the
-    // peak grow with --concurrency (500 MB over the corpus from local files),
-    // and `threads + 1` threads kept it lowest at the same speed on two CPUs
-    // (see BENCHMARKS.md).
+    // Decodes, model preparation and file reads run on the blocking pool
+    // (inference on the engine's own threads). Every thread that allocates
+    // gets its own malloc arena, which keeps what it once held: tokio's
+    // default of 512 threads let the peak grow with --concurrency (500 MB
+    // over the corpus from local files), and `threads + 1` threads kept it
+    // lowest at the same speed on two CPUs (see BENCHMARKS.md).
+    let blocking_threads = settings.engine.threads + 1;
     let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(args.threads() + 1).build();
+        tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(blocking_threads).build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -40,11 +48,11 @@ fn main() -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    let outcome = runtime.block_on(classifier::cli::run::run(&args, &mut stdout));
+    let outcome = runtime.block_on(classifier::cli::run::run(&settings, &mut stdout));
     // Results are out: do not wait for decodes of a run that stopped early.
     runtime.shutdown_background();
     match outcome {
-        Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+        Ok(summary) if summary.failed == 0 || summary.stdout_closed => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
         Err(e) => {
             tracing::error!("{e:#}");

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::engine::SourceError;
 use crate::rank::Prediction;
 
 /// How results are printed on stdout.
@@ -16,7 +17,7 @@ pub enum Format {
 }
 
 /// What became of one source.
-pub type Outcome = Result<Vec<Prediction>, String>;
+pub type Outcome = Result<Vec<Prediction>, SourceError>;
 
 #[derive(Serialize)]
 struct JsonPrediction<'a> {
@@ -29,7 +30,7 @@ struct JsonPrediction<'a> {
 #[serde(untagged)]
 enum JsonRecord<'a> {
     Predictions { source: &'a str, predictions: Vec<JsonPrediction<'a>> },
-    Error { source: &'a str, error: &'a str },
+    Error { source: &'a str, error: String },
 }
 
 /// Scores are computed in f32; six decimals say all they hold, and keep
@@ -50,7 +51,7 @@ pub fn render(format: Format, source: &str, outcome: &Outcome) -> String {
                         .map(|p| JsonPrediction { label: &p.label, index: p.index, score: round(p.score) })
                         .collect(),
                 },
-                Err(error) => JsonRecord::Error { source, error },
+                Err(error) => JsonRecord::Error { source, error: error.to_string() },
             };
             let mut line = serde_json::to_string(&record).expect("records serialize");
             line.push('\n');
@@ -92,7 +93,11 @@ mod tests {
             "{\"source\":\"https://h/robin.jpg\",\"predictions\":[{\"label\":\"Turdus migratorius\",\"index\":484,\"score\":0.953125},\
              {\"label\":\"Sialia \\\"eastern\\\" bluebird\",\"index\":12,\"score\":0.81}]}\n"
         );
-        let line = render(Format::Json, "a.jpg", &Err("HTTP 404 Not Found".into()));
+        let line = render(
+            Format::Json,
+            "a.jpg",
+            &Err(SourceError::from(crate::input::FetchError::Status(reqwest::StatusCode::NOT_FOUND))),
+        );
         assert_eq!(line, "{\"source\":\"a.jpg\",\"error\":\"HTTP 404 Not Found\"}\n");
     }
 
@@ -102,6 +107,9 @@ mod tests {
             render(Format::Text, "robin.jpg", &robin()),
             "robin.jpg\n  0.9531  Turdus migratorius (484)\n  0.8100  Sialia \"eastern\" bluebird (12)\n"
         );
-        assert_eq!(render(Format::Text, "x.jpg", &Err("empty body".into())), "x.jpg\n  error: empty body\n");
+        assert_eq!(
+            render(Format::Text, "x.jpg", &Err(crate::image::DecodeError::Empty.into())),
+            "x.jpg\n  error: empty body\n"
+        );
     }
 }

@@ -4,5 +4,7 @@
 mod args;
 pub mod progress;
 pub mod run;
+mod settings;
 
 pub use args::*;
+pub use settings::Settings;

@@ -174,34 +174,47 @@ impl Model {
 
     /// Scores a batch of images, each `input().image_bytes()` of 8-bit RGB at
     /// the model's input size, and returns one score per class per image.
-    ///
-    /// The plan is built for one image: tract gains nothing per image from
-    /// larger batches on this kind of network (see BENCHMARKS.md), so a batch
-    /// runs image by image through one reused state.
     pub fn classify(&self, images: &[&[u8]]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut session = self.session()?;
+        images.iter().map(|image| session.classify(image)).collect()
+    }
+
+    /// A running copy of the model for one worker, which keeps its tract
+    /// states from one image to the next.
+    pub fn session(&self) -> anyhow::Result<Session> {
+        let states = self.stages.iter().map(|stage| stage.spawn()).collect::<TractResult<Vec<_>>>()?;
+        Ok(Session { states, input: self.input, classes: self.classes })
+    }
+}
+
+/// One worker's copy of a [`Model`]'s run-time state.
+///
+/// The plan is built for one image: tract gains nothing per image from
+/// larger batches on this kind of network (see BENCHMARKS.md), so images
+/// run one by one through the same states.
+pub struct Session {
+    states: Vec<TypedSimpleState>,
+    input: InputSpec,
+    classes: usize,
+}
+
+impl Session {
+    /// Scores one image of `input().image_bytes()` of 8-bit RGB at the
+    /// model's input size: one score per class.
+    pub fn classify(&mut self, image: &[u8]) -> anyhow::Result<Vec<f32>> {
         let InputSpec { width, height, normalization: n } = self.input;
         let per_image = self.input.image_bytes();
-        let mut states = self.stages.iter().map(|stage| stage.spawn()).collect::<TractResult<Vec<_>>>()?;
-        let mut results = Vec::with_capacity(images.len());
-        for image in images {
-            anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
-            let shape = (1, height as usize, width as usize, 3);
-            let data: Vec<f32> = image.iter().map(|&p| p as f32 * n.scale + n.offset).collect();
-            let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
-            let mut outputs = tvec!(input.into());
-            for state in &mut states {
-                outputs = guarded(|| state.run(outputs))?;
-            }
-            let scores = outputs[0].to_plain_array_view::<f32>()?;
-            anyhow::ensure!(
-                scores.len() == self.classes,
-                "the model gave {} scores, not {}",
-                scores.len(),
-                self.classes
-            );
-            results.push(scores.iter().copied().collect());
+        anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
+        let shape = (1, height as usize, width as usize, 3);
+        let data: Vec<f32> = image.iter().map(|&p| p as f32 * n.scale + n.offset).collect();
+        let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
+        let mut outputs = tvec!(input.into());
+        for state in &mut self.states {
+            outputs = guarded(|| state.run(outputs))?;
         }
-        Ok(results)
+        let scores = outputs[0].to_plain_array_view::<f32>()?;
+        anyhow::ensure!(scores.len() == self.classes, "the model gave {} scores, not {}", scores.len(), self.classes);
+        Ok(scores.iter().copied().collect())
     }
 }
 

@@ -1,0 +1,272 @@
+//! The engine under every front end: the prepared model with its labels, an
+//! inference pool of its own, and the way an image goes through them.
+//!
+//! An [`Engine`] starts loading its model and labels when it is made, and
+//! takes images at once: they are fetched, decoded and (once the model's
+//! input size is known) resized while the model is still on its way, then
+//! wait in the pool's bounded queue. [`Engine::ready`] says when the model is
+//! loaded, or why it could not be. Every image carries a [`Deadline`];
+//! everything the engine does is counted in its [`Metrics`].
+
+mod error;
+mod metrics;
+mod pool;
+mod prepare;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tracing::{Instrument, debug_span, info, info_span};
+
+pub use error::{ErrorKind, LoadError, SourceError};
+pub use metrics::{Metrics, Snapshot};
+pub use pool::WhenFull;
+
+use crate::deadline::Deadline;
+use crate::input::{FetchError, Fetcher, Source};
+use crate::labels::Labels;
+use crate::model::{InputSpec, Model};
+use crate::rank::{self, Prediction};
+
+/// The most a model or a label map may weigh.
+pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+pub const MAX_LABELS_BYTES: u64 = 64 << 20;
+/// Connections a model is fetched over, in byte ranges (see BENCHMARKS.md).
+const MODEL_CONNECTIONS: usize = 4;
+
+/// What an engine runs, resolved by the front end.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The model, then sources to fall back to, in turn, should it fail.
+    pub model: Vec<Source>,
+    /// The model's input size (width, height) when it is known in advance,
+    /// so that images can be resized while the model downloads. Checked
+    /// once the model has loaded.
+    pub model_input: Option<(u32, u32)>,
+    pub labels: Source,
+    /// Inference workers, also the threads that prepare the model, and the
+    /// most decodes at once.
+    pub threads: usize,
+    /// Most images a worker takes from the queue at once.
+    pub batch_size: usize,
+    /// Most images waiting in the queue for a worker.
+    pub queue: usize,
+    /// Largest image accepted, in bytes.
+    pub max_image_bytes: u64,
+}
+
+/// An image to classify.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Fetched by the engine's fetcher, under its source policy.
+    Source(Source),
+    /// Bytes the caller has (an upload), with a name for the logs.
+    Bytes { name: String, bytes: Bytes },
+}
+
+/// How one image is to be classified.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
+    pub top_k: usize,
+    pub deadline: Deadline,
+    pub when_full: WhenFull,
+}
+
+/// The model as loaded, with its labels.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Where the model came from (the first of the settings' sources that
+    /// answered).
+    pub model_source: Source,
+    pub input: InputSpec,
+    pub classes: usize,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Loading { input: Option<(u32, u32)> },
+    Ready(Arc<Loaded>),
+    Failed(LoadError),
+}
+
+/// A classifier that outlives any one request: cheap to clone, shared by
+/// every caller. Must be made inside a tokio runtime.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fetcher: Fetcher,
+    max_image_bytes: u64,
+    state: watch::Receiver<State>,
+    queue: pool::Queue,
+    limits: prepare::Limits,
+    metrics: Arc<Metrics>,
+    loader: tokio::task::AbortHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.loader.abort();
+    }
+}
+
+impl Engine {
+    /// Starts loading the model and the labels, and returns at once.
+    pub fn start(settings: EngineSettings, fetcher: Fetcher) -> Engine {
+        let threads = settings.threads.max(1);
+        let (queue, jobs) = pool::Queue::new(settings.queue);
+        let (state_tx, state) = watch::channel(State::Loading { input: settings.model_input });
+        let metrics = Arc::new(Metrics::default());
+        let max_image_bytes = settings.max_image_bytes;
+        let loader = {
+            let (fetcher, metrics, room) = (fetcher.clone(), metrics.clone(), queue.closer());
+            tokio::spawn(async move {
+                let state = match load(&settings, &fetcher, &metrics).await {
+                    Ok((model, loaded)) => {
+                        match pool::start(model, jobs, threads, settings.batch_size, metrics.clone()) {
+                            Ok(()) => State::Ready(Arc::new(loaded)),
+                            Err(e) => State::Failed(LoadError::Internal(format!("cannot start the workers: {e}"))),
+                        }
+                    }
+                    Err(e) => State::Failed(e),
+                };
+                if matches!(state, State::Failed(_)) {
+                    // Nothing queued will run: callers waiting for room fail.
+                    room.close();
+                }
+                state_tx.send_replace(state);
+            })
+            .abort_handle()
+        };
+        let inner =
+            Inner { max_image_bytes, fetcher, state, queue, limits: prepare::Limits::new(threads), metrics, loader };
+        Engine { inner: Arc::new(inner) }
+    }
+
+    /// The model and labels once loaded, or why they could not be.
+    pub async fn ready(&self) -> Result<Arc<Loaded>, LoadError> {
+        let mut state = self.inner.state.clone();
+        let state = state.wait_for(|s| !matches!(s, State::Loading { .. })).await;
+        match state.as_deref() {
+            Ok(State::Ready(loaded)) => Ok(loaded.clone()),
+            Ok(State::Failed(e)) => Err(e.clone()),
+            Ok(State::Loading { .. }) | Err(_) => Err(LoadError::Internal("the loading task ended".into())),
+        }
+    }
+
+    /// The model and labels if they are loaded.
+    pub fn loaded(&self) -> Option<Arc<Loaded>> {
+        match &*self.inner.state.borrow() {
+            State::Ready(loaded) => Some(loaded.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Fetches, decodes, resizes and classifies one image: its top
+    /// `request.top_k` predictions, best first.
+    pub async fn classify(&self, input: Input, request: Request) -> Result<Vec<Prediction>, SourceError> {
+        let result = self.run(input, request).await;
+        if let Err(e) = &result {
+            self.inner.metrics.failed(e.kind());
+        }
+        result
+    }
+
+    async fn run(&self, input: Input, request: Request) -> Result<Vec<Prediction>, SourceError> {
+        let inner = &*self.inner;
+        let deadline = request.deadline;
+        let (name, bytes) = match input {
+            Input::Source(source) => {
+                let started = Instant::now();
+                let fetched = inner
+                    .fetcher
+                    .fetch(&source, inner.max_image_bytes, deadline)
+                    .instrument(debug_span!("download", %source))
+                    .await;
+                let bytes = match fetched {
+                    Ok(bytes) => bytes,
+                    // The caller's deadline came before the time limit.
+                    Err(FetchError::Timeout(_)) if deadline.expired() => return Err(SourceError::Deadline),
+                    Err(e) => return Err(e.into()),
+                };
+                inner.metrics.downloaded(bytes.len(), started.elapsed());
+                (source.to_string(), bytes)
+            }
+            Input::Bytes { name, bytes } => (name, bytes),
+        };
+        let pixels = prepare::prepare(bytes, &inner.limits, &inner.state, deadline, &inner.metrics, &name).await?;
+        let answer = inner.queue.submit(pixels, deadline, request.when_full).await?;
+        let scores = prepare::within(deadline, answer).await?.map_err(|_| SourceError::Unavailable)??;
+        let loaded = self.loaded().ok_or(SourceError::Unavailable)?;
+        Ok(rank::top_k(&scores, request.top_k)
+            .into_iter()
+            .map(|index| Prediction {
+                index,
+                label: loaded.labels.get(index).unwrap_or_default().to_string(),
+                score: scores[index],
+            })
+            .collect())
+    }
+}
+
+/// Fetches and prepares the model, and fetches and reads the labels, at once.
+async fn load(
+    settings: &EngineSettings,
+    fetcher: &Fetcher,
+    metrics: &Metrics,
+) -> Result<(Arc<Model>, Loaded), LoadError> {
+    let model = async {
+        let started = Instant::now();
+        let (source, bytes) = fetcher
+            .fetch_first(&settings.model, MAX_MODEL_BYTES, MODEL_CONNECTIONS)
+            .instrument(info_span!("model_download"))
+            .await
+            .map_err(LoadError::FetchModel)?;
+        let download = started.elapsed();
+        let started = Instant::now();
+        let threads = settings.threads.max(1);
+        let prepared = tokio::task::spawn_blocking(move || {
+            info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::from_bytes(&bytes, threads))
+        })
+        .await
+        .map_err(|e| LoadError::Internal(format!("model preparation: {e}")))?;
+        let model = prepared.map_err(|error| LoadError::Model { model: source.to_string(), error: Arc::new(error) })?;
+        metrics.model_loaded(download, started.elapsed());
+        let input = model.input();
+        let actual = (input.width, input.height);
+        if let Some(expected) = settings.model_input
+            && expected != actual
+        {
+            return Err(LoadError::UnexpectedInput { model: source.to_string(), actual, expected });
+        }
+        Ok((source, model))
+    };
+    let labels = async {
+        let name = settings.labels.to_string();
+        let bytes = fetcher
+            .fetch_kept(&settings.labels, MAX_LABELS_BYTES, 1)
+            .await
+            .map_err(|error| LoadError::FetchLabels { labels: name.clone(), error: Arc::new(error) })?;
+        Labels::parse(&bytes).map_err(|error| LoadError::Labels { labels: name, error: Arc::new(error) })
+    }
+    .instrument(info_span!("labels_download"));
+    let ((source, model), labels) = tokio::try_join!(model, labels)?;
+    labels.check_count(model.classes()).map_err(|error| LoadError::LabelsMismatch {
+        labels: settings.labels.to_string(),
+        model: source.to_string(),
+        error: Arc::new(error),
+    })?;
+    let input = model.input();
+    info!(classes = model.classes(), width = input.width, height = input.height, "model ready");
+    let loaded = Loaded { model_source: source, input, classes: model.classes(), labels };
+    Ok((Arc::new(model), loaded))
+}

@@ -1,0 +1,110 @@
+//! An image's bytes to the model's input, under the engine's limits: decodes
+//! on the blocking pool, as many at once as there are inference workers, and
+//! at most twice that many full-size images waiting for a model whose input
+//! size is not yet known.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, watch};
+use tracing::debug_span;
+
+use super::State;
+use super::error::SourceError;
+use super::metrics::Metrics;
+use crate::deadline::Deadline;
+
+/// What bounds the preparation of images.
+pub(super) struct Limits {
+    /// Decodes at once: they are CPU-bound, and their full-size images are
+    /// the largest buffers of a run.
+    decoders: Semaphore,
+    /// Images decoded before the model's input size is known, waiting for it
+    /// at full size. Past this many, images wait for the size undecoded.
+    early: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn new(threads: usize) -> Limits {
+        Limits { decoders: Semaphore::new(threads), early: Arc::new(Semaphore::new(2 * threads)) }
+    }
+}
+
+/// Decodes `bytes` and resizes the image to the model's input size: 8-bit
+/// RGB, ready for the queue. `name` is for the logs.
+pub(super) async fn prepare(
+    bytes: Bytes,
+    limits: &Limits,
+    state: &watch::Receiver<State>,
+    deadline: Deadline,
+    metrics: &Metrics,
+    name: &str,
+) -> Result<Vec<u8>, SourceError> {
+    let span = debug_span!("decode", source = name);
+    let early = match known_size(state) {
+        None => limits.early.clone().try_acquire_owned().ok(),
+        Some(_) => None,
+    };
+    let (pixels, spent) = match early {
+        // The model is not there yet: decode now, resize when it is.
+        Some(_early) => {
+            let decoder = within(deadline, limits.decoders.acquire()).await?.map_err(|_| SourceError::Unavailable)?;
+            let decode_span = span.clone();
+            let (image, decoding) = blocking(move || decode_span.in_scope(|| crate::image::decode(&bytes))).await?;
+            drop(decoder);
+            let image = image?;
+            let (width, height) = input_size(state, deadline).await?;
+            let (pixels, resizing) =
+                blocking(move || span.in_scope(|| crate::image::resize(image, width, height))).await?;
+            (pixels, decoding + resizing)
+        }
+        None => {
+            let (width, height) = input_size(state, deadline).await?;
+            let _decoder = within(deadline, limits.decoders.acquire()).await?.map_err(|_| SourceError::Unavailable)?;
+            blocking(move || span.in_scope(|| crate::image::prepare(&bytes, width, height))).await?
+        }
+    };
+    metrics.decoded(spent);
+    Ok(pixels?)
+}
+
+fn size_of(state: &State) -> Option<(u32, u32)> {
+    match state {
+        State::Loading { input } => *input,
+        State::Ready(loaded) => Some((loaded.input.width, loaded.input.height)),
+        State::Failed(_) => None,
+    }
+}
+
+fn known_size(state: &watch::Receiver<State>) -> Option<(u32, u32)> {
+    size_of(&state.borrow())
+}
+
+/// The model's input size, once known; an error if the model failed.
+async fn input_size(state: &watch::Receiver<State>, deadline: Deadline) -> Result<(u32, u32), SourceError> {
+    let mut state = state.clone();
+    let known = within(deadline, state.wait_for(|s| size_of(s).is_some() || matches!(s, State::Failed(_)))).await?;
+    let known = known.map_err(|_| SourceError::Unavailable)?;
+    size_of(&known).ok_or(SourceError::Unavailable)
+}
+
+/// `f`, unless `deadline` passes first.
+pub(super) async fn within<F: Future>(deadline: Deadline, f: F) -> Result<F::Output, SourceError> {
+    match deadline.instant() {
+        Some(at) => tokio::time::timeout_at(at.into(), f).await.map_err(|_| SourceError::Deadline),
+        None => Ok(f.await),
+    }
+}
+
+/// Runs `f` on the blocking pool, and times it.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<(T, Duration), SourceError> {
+    let timed = move || {
+        let started = Instant::now();
+        (f(), started.elapsed())
+    };
+    tokio::task::spawn_blocking(timed)
+        .await
+        .map_err(|e| SourceError::Internal(format!("internal error in decoding: {e}")))
+}
