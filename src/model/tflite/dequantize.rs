@@ -1,12 +1,8 @@
-//! Rebuilds a quantized TensorFlow Lite model as an all-float32 one that tract
-//! can run.
+//! The float32 rewrite of a TFLite flatbuffer, with what it needs around it
+//! until each part has a file of its own: reading and checking the source
+//! graph, writing the rebuilt one, and cutting it into stages.
 //!
-//! tract-tflite 0.23 cannot translate fully uint8-quantized graphs whose ADDs
-//! mix quantization parameters, and has no QUANTIZE/DEQUANTIZE ops. It does run
-//! float32 graphs of the same operators correctly, so this module rewrites the
-//! flatbuffer: every constant is dequantized to its real values, every
-//! activation becomes float32 with no quantization parameters, and the quirks
-//! of both sides are made explicit:
+//! Quirks of both sides made explicit by the rewrite:
 //!
 //! - quantized models often store no fused activation: the ReLU / ReLU6 clamp
 //!   is implied by the output's quantization range, which cannot go below zero
@@ -24,102 +20,11 @@ use std::collections::HashMap;
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use tract_tflite::tflite::{self, ActivationFunctionType, BuiltinOperator, BuiltinOptions, TensorType};
 
-/// Why a model could not be rebuilt.
-#[derive(Debug, thiserror::Error)]
-pub enum DequantizeError {
-    #[error("not a TensorFlow Lite model (the file identifier TFL3 is missing)")]
-    NotTflite,
-    #[error("malformed TensorFlow Lite flatbuffer: {0}")]
-    Malformed(String),
-    #[error("unsupported model: {0}")]
-    Unsupported(String),
-}
-
-type Result<T> = std::result::Result<T, DequantizeError>;
+use super::{DequantizeError, Normalization, Result, malformed, unsupported};
 
 /// The most float32 weights a rebuilt model may hold, with room to spare
 /// under the 2 GiB limit of a flatbuffer.
 const MAX_FLOAT_BYTES: usize = 1536 << 20;
-
-fn malformed(msg: impl Into<String>) -> DequantizeError {
-    DequantizeError::Malformed(msg.into())
-}
-
-fn unsupported(msg: impl Into<String>) -> DequantizeError {
-    DequantizeError::Unsupported(msg.into())
-}
-
-/// How the model reads a pixel: `real = pixel * scale + offset`, applied to
-/// every 8-bit channel value before it enters the float network.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Normalization {
-    pub scale: f32,
-    pub offset: f32,
-}
-
-impl Normalization {
-    /// The MobileNet convention, `[0, 255] -> [-1, 1]`, for float models that
-    /// carry no quantization to derive it from.
-    pub const MINUS_ONE_TO_ONE: Normalization = Normalization { scale: 1.0 / 127.5, offset: -1.0 };
-}
-
-/// A float32 rebuild of a model, ready for tract, as stages run one after
-/// the other: the first takes the image, each next one the tensor its
-/// predecessor gives, and the last gives the scores.
-pub struct FloatModel<'a> {
-    stages: Vec<Rebuilt<'a>>,
-    /// The pixel normalisation equivalent to the original input's quantization.
-    pub normalization: Normalization,
-}
-
-impl std::fmt::Debug for FloatModel<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FloatModel")
-            .field("stages", &self.stages.len())
-            .field("normalization", &self.normalization)
-            .finish()
-    }
-}
-
-impl FloatModel<'_> {
-    /// How many stages the model was cut into.
-    pub fn stages(&self) -> usize {
-        self.stages.len()
-    }
-
-    /// Stage `index` as a TFLite flatbuffer.
-    pub fn stage(&self, index: usize) -> Flatbuffer {
-        let (buffer, head) = self.stages[index].serialize();
-        Flatbuffer { buffer, head }
-    }
-}
-
-/// A stage of the rebuilt model as a TFLite flatbuffer, written back to
-/// front: it starts at `head`.
-pub struct Flatbuffer {
-    buffer: Vec<u8>,
-    head: usize,
-}
-
-impl Flatbuffer {
-    pub fn bytes(&self) -> &[u8] {
-        &self.buffer[self.head..]
-    }
-}
-
-/// Rebuilds `bytes`, a TFLite model of any quantization, as a float32 model
-/// cut into at most `stages` stages of about equal weight (fewer if the graph
-/// has fewer places where a single tensor flows from one part to the next).
-pub fn dequantize(bytes: &[u8], stages: usize) -> Result<FloatModel<'_>> {
-    if bytes.len() < 8 || !tflite::model_buffer_has_identifier(bytes) {
-        return Err(DequantizeError::NotTflite);
-    }
-    let model = tflite::root_as_model(bytes).map_err(|e| malformed(e.to_string()))?;
-    let graph = Graph::read(&model)?;
-    let normalization = graph.input_normalization()?;
-    let stages = graph.rebuild()?.into_stages(stages);
-    Ok(FloatModel { stages, normalization })
-}
 
 /// Quantization of one tensor, per tensor or per axis.
 #[derive(Debug, Clone)]
@@ -153,7 +58,7 @@ struct SourceOp<'a> {
     flat: tflite::Operator<'a>,
 }
 
-struct Graph<'a> {
+pub(super) struct Graph<'a> {
     tensors: Vec<SourceTensor<'a>>,
     ops: Vec<SourceOp<'a>>,
     inputs: Vec<i32>,
@@ -161,7 +66,7 @@ struct Graph<'a> {
 }
 
 impl<'a> Graph<'a> {
-    fn read(model: &tflite::Model<'a>) -> Result<Graph<'a>> {
+    pub(super) fn read(model: &tflite::Model<'a>) -> Result<Graph<'a>> {
         let subgraphs = model.subgraphs().ok_or_else(|| malformed("no subgraphs"))?;
         if subgraphs.is_empty() {
             return Err(malformed("no subgraphs"));
@@ -243,7 +148,7 @@ impl<'a> Graph<'a> {
         Ok(Graph { tensors, ops, inputs, outputs })
     }
 
-    fn input_normalization(&self) -> Result<Normalization> {
+    pub(super) fn input_normalization(&self) -> Result<Normalization> {
         let [input] = self.inputs[..] else {
             return Err(unsupported(format!("{} inputs, an image classifier has one", self.inputs.len())));
         };
@@ -260,7 +165,7 @@ impl<'a> Graph<'a> {
         }
     }
 
-    fn rebuild(&self) -> Result<Rebuilt<'a>> {
+    pub(super) fn rebuild(&self) -> Result<Rebuilt<'a>> {
         let mut out = Rebuilt::default();
         // Original tensor index -> rebuilt tensor index.
         let mut map: HashMap<i32, i32> = HashMap::new();
@@ -751,7 +656,7 @@ struct NewOp {
 }
 
 #[derive(Default)]
-struct Rebuilt<'a> {
+pub(super) struct Rebuilt<'a> {
     tensors: Vec<NewTensor<'a>>,
     ops: Vec<NewOp>,
     inputs: Vec<i32>,
@@ -783,7 +688,7 @@ impl<'a> Rebuilt<'a> {
     }
 
     /// The model as a flatbuffer, and where in the buffer it starts.
-    fn serialize(&self) -> (Vec<u8>, usize) {
+    pub(super) fn serialize(&self) -> (Vec<u8>, usize) {
         // Sized for the weights up front: growing copies the whole buffer.
         let weights: usize = self.tensors.iter().filter_map(|t| t.data.as_ref()).map(|d| d.len() + 16).sum();
         let mut fb = FlatBufferBuilder::with_capacity(weights + (1 << 20));
@@ -951,7 +856,7 @@ impl<'a> Rebuilt<'a> {
     }
 
     /// Cuts the model into at most `stages` stages of about equal cost.
-    fn into_stages(self, stages: usize) -> Vec<Rebuilt<'a>> {
+    pub(super) fn into_stages(self, stages: usize) -> Vec<Rebuilt<'a>> {
         let cuts = self.cuts();
         let stages = stages.min(cuts.len() + 1);
         if stages < 2 {
@@ -1107,11 +1012,8 @@ fn write_options<'fb>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::{dequantize, mock_model};
     use super::*;
-
-    fn mock() -> Vec<u8> {
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mock_model.tflite")).unwrap()
-    }
 
     fn rebuilt_ops(bytes: &[u8]) -> Vec<(BuiltinOperator, ActivationFunctionType)> {
         let model = tflite::root_as_model(bytes).unwrap();
@@ -1135,7 +1037,7 @@ mod tests {
 
     #[test]
     fn rebuild_is_float_with_explicit_activations() {
-        let bytes = mock();
+        let bytes = mock_model();
         let float = dequantize(&bytes, 1).unwrap();
         assert_eq!(float.normalization, Normalization { scale: 1.0 / 255.0, offset: 0.0 });
         let stage = float.stage(0);
@@ -1173,33 +1075,13 @@ mod tests {
         assert!(matches!(q.inner("w", &[3, 2]), Err(DequantizeError::Malformed(_))));
     }
 
-    #[test]
-    fn garbage_gives_errors_not_panics() {
-        assert!(matches!(dequantize(b"", 1), Err(DequantizeError::NotTflite)));
-        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1), Err(DequantizeError::NotTflite)));
-        let model = mock();
-        for len in 0..model.len() {
-            assert!(dequantize(&model[..len], 1).is_err(), "a model cut at {len} bytes was accepted");
-        }
-        // Every single-byte corruption either fails cleanly or still rebuilds.
-        for at in 0..model.len() {
-            for flip in [0x01u8, 0x80, 0xff] {
-                let mut corrupt = model.clone();
-                corrupt[at] ^= flip;
-                if let Ok(float) = dequantize(&corrupt, 3) {
-                    (0..float.stages()).for_each(|i| drop(float.stage(i)));
-                }
-            }
-        }
-    }
-
     fn whole(bytes: &[u8]) -> Rebuilt<'_> {
         Graph::read(&tflite::root_as_model(bytes).unwrap()).unwrap().rebuild().unwrap()
     }
 
     #[test]
     fn cuts_fall_where_one_tensor_flows() {
-        let bytes = mock();
+        let bytes = mock_model();
         let whole = whole(&bytes);
         let codes: Vec<_> = whole.ops.iter().map(|op| op.code).collect();
         use BuiltinOperator as B;
@@ -1215,7 +1097,7 @@ mod tests {
 
     #[test]
     fn stages_chain_into_the_whole_model() {
-        let bytes = mock();
+        let bytes = mock_model();
         let name = |stage: &Rebuilt, t: &[i32]| -> Vec<String> {
             t.iter().map(|&t| stage.tensors[t as usize].name.clone()).collect()
         };
