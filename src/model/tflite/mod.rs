@@ -10,6 +10,7 @@
 
 pub mod archive;
 mod dequantize;
+mod quant;
 
 use dequantize::{Graph, Rebuilt};
 use tract_tflite::tflite;
