@@ -1,6 +1,6 @@
-//! The float32 rewrite of a TFLite flatbuffer, with what it needs around it
-//! until each part has a file of its own: reading and checking the source
-//! graph, writing the rebuilt one, and cutting it into stages.
+//! The float32 rewrite of a TFLite graph, with what it needs around it until
+//! each part has a file of its own: writing the rebuilt graph, and cutting it
+//! into stages.
 //!
 //! Quirks of both sides made explicit by the rewrite:
 //!
@@ -10,9 +10,6 @@
 //! - QUANTIZE and DEQUANTIZE are identities on real values, so they disappear.
 //! - tract's FULLY_CONNECTED wants a rank-2 input, and its SQUEEZE removes
 //!   several axes with stale indices: both become explicit RESHAPEs.
-//!
-//! The input bytes are untrusted: the flatbuffer is verified first, and every
-//! index, shape and buffer length is checked before use.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -21,137 +18,14 @@ use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use tract_tflite::tflite::{self, ActivationFunctionType, BuiltinOperator, BuiltinOptions, TensorType};
 
 use super::quant::{Quant, dequantize_into};
-use super::{DequantizeError, Normalization, Result, malformed, unsupported};
+use super::read::{Graph, SourceOp, SourceTensor};
+use super::{DequantizeError, Result, malformed, unsupported};
 
 /// The most float32 weights a rebuilt model may hold, with room to spare
 /// under the 2 GiB limit of a flatbuffer.
 const MAX_FLOAT_BYTES: usize = 1536 << 20;
 
-/// A tensor of the original model, read and checked.
-#[derive(Debug, Clone)]
-struct SourceTensor<'a> {
-    name: String,
-    shape: Vec<i32>,
-    ty: TensorType,
-    quant: Option<Quant>,
-    data: Option<&'a [u8]>,
-}
-
-/// An operator of the original model, with the options this rebuild needs.
-struct SourceOp<'a> {
-    code: BuiltinOperator,
-    inputs: Vec<i32>,
-    outputs: Vec<i32>,
-    flat: tflite::Operator<'a>,
-}
-
-pub(super) struct Graph<'a> {
-    tensors: Vec<SourceTensor<'a>>,
-    ops: Vec<SourceOp<'a>>,
-    inputs: Vec<i32>,
-    outputs: Vec<i32>,
-}
-
 impl<'a> Graph<'a> {
-    pub(super) fn read(model: &tflite::Model<'a>) -> Result<Graph<'a>> {
-        let subgraphs = model.subgraphs().ok_or_else(|| malformed("no subgraphs"))?;
-        if subgraphs.is_empty() {
-            return Err(malformed("no subgraphs"));
-        }
-        let graph = subgraphs.get(0);
-        let buffers = model.buffers();
-        let codes = model.operator_codes().ok_or_else(|| malformed("no operator codes"))?;
-        let flat_tensors = graph.tensors().ok_or_else(|| malformed("no tensors"))?;
-
-        let mut tensors = Vec::with_capacity(flat_tensors.len());
-        for (ix, t) in flat_tensors.iter().enumerate() {
-            let name = t.name().unwrap_or("").to_string();
-            let shape: Vec<i32> = t.shape().map(|s| s.iter().collect()).unwrap_or_default();
-            if shape.iter().any(|&d| d < 0) {
-                return Err(unsupported(format!("tensor {ix} ({name}) has a dynamic shape {shape:?}")));
-            }
-            let quant = t.quantization().and_then(|q| {
-                let scale: Vec<f32> = q.scale()?.iter().collect();
-                if scale.is_empty() {
-                    return None;
-                }
-                let zero_point: Vec<i64> = q.zero_point().map(|z| z.iter().collect()).unwrap_or_default();
-                Some(Quant { scale, zero_point, axis: q.quantized_dimension().max(0) as usize })
-            });
-            let data = match t.buffer() as usize {
-                0 => None,
-                b => {
-                    let buffers = buffers.ok_or_else(|| malformed("no buffers"))?;
-                    if b >= buffers.len() {
-                        return Err(malformed(format!("tensor {ix} ({name}) names buffer {b} of {}", buffers.len())));
-                    }
-                    buffers.get(b).data().map(|d| d.bytes()).filter(|d| !d.is_empty())
-                }
-            };
-            tensors.push(SourceTensor { name, shape, ty: t.type_(), quant, data });
-        }
-
-        let check = |ix: i32, what: &str| -> Result<()> {
-            if ix < 0 || ix as usize >= tensors.len() {
-                Err(malformed(format!("{what} names tensor {ix} of {}", tensors.len())))
-            } else {
-                Ok(())
-            }
-        };
-        let inputs: Vec<i32> = graph.inputs().ok_or_else(|| malformed("no inputs"))?.iter().collect();
-        let outputs: Vec<i32> = graph.outputs().ok_or_else(|| malformed("no outputs"))?.iter().collect();
-        for &i in &inputs {
-            check(i, "the graph input")?;
-        }
-        for &o in &outputs {
-            check(o, "the graph output")?;
-        }
-
-        let mut ops = vec![];
-        for (n, op) in graph.operators().ok_or_else(|| malformed("no operators"))?.iter().enumerate() {
-            let code_ix = op.opcode_index() as usize;
-            if code_ix >= codes.len() {
-                return Err(malformed(format!("operator {n} names opcode {code_ix} of {}", codes.len())));
-            }
-            let code = codes.get(code_ix);
-            // The runtime's rule: the larger of the two fields is the real code.
-            let code = BuiltinOperator(code.builtin_code().0.max(code.deprecated_builtin_code() as i32));
-            let op_inputs: Vec<i32> = op.inputs().map(|v| v.iter().collect()).unwrap_or_default();
-            let op_outputs: Vec<i32> = op.outputs().map(|v| v.iter().collect()).unwrap_or_default();
-            for &i in &op_inputs {
-                // -1 marks an omitted optional input.
-                if i != -1 {
-                    check(i, &format!("operator {n} ({code:?})"))?;
-                }
-            }
-            if op_outputs.is_empty() {
-                return Err(malformed(format!("operator {n} ({code:?}) has no output")));
-            }
-            for &o in &op_outputs {
-                check(o, &format!("operator {n} ({code:?})"))?;
-            }
-            ops.push(SourceOp { code, inputs: op_inputs, outputs: op_outputs, flat: op });
-        }
-        Ok(Graph { tensors, ops, inputs, outputs })
-    }
-
-    pub(super) fn input_normalization(&self) -> Result<Normalization> {
-        let [input] = self.inputs[..] else {
-            return Err(unsupported(format!("{} inputs, an image classifier has one", self.inputs.len())));
-        };
-        let t = &self.tensors[input as usize];
-        match (t.ty, &t.quant) {
-            (TensorType::FLOAT32, _) => Ok(Normalization::MINUS_ONE_TO_ONE),
-            (TensorType::UINT8 | TensorType::INT8, Some(q)) => {
-                let (scale, zp) = q.single().ok_or_else(|| unsupported("per-axis quantized input"))?;
-                // An int8 input holds the pixel shifted down by 128.
-                let shift = if t.ty == TensorType::INT8 { -128.0 } else { 0.0 };
-                Ok(Normalization { scale, offset: (shift - zp as f32) * scale })
-            }
-            (ty, _) => Err(unsupported(format!("input of type {ty:?}"))),
-        }
-    }
-
     pub(super) fn rebuild(&self) -> Result<Rebuilt<'a>> {
         let mut out = Rebuilt::default();
         // Original tensor index -> rebuilt tensor index.
@@ -956,7 +830,7 @@ fn write_options<'fb>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{dequantize, mock_model};
+    use super::super::{Normalization, dequantize, mock_model};
     use super::*;
 
     fn rebuilt_ops(bytes: &[u8]) -> Vec<(BuiltinOperator, ActivationFunctionType)> {
@@ -1009,7 +883,7 @@ mod tests {
     }
 
     fn whole(bytes: &[u8]) -> Rebuilt<'_> {
-        Graph::read(&tflite::root_as_model(bytes).unwrap()).unwrap().rebuild().unwrap()
+        Graph::from_bytes(bytes).unwrap().rebuild().unwrap()
     }
 
     #[test]

@@ -11,9 +11,10 @@
 pub mod archive;
 mod dequantize;
 mod quant;
+mod read;
 
-use dequantize::{Graph, Rebuilt};
-use tract_tflite::tflite;
+use dequantize::Rebuilt;
+use read::Graph;
 
 /// Why a model could not be rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +99,7 @@ impl Flatbuffer {
 /// cut into at most `stages` stages of about equal weight (fewer if the graph
 /// has fewer places where a single tensor flows from one part to the next).
 pub(crate) fn dequantize(bytes: &[u8], stages: usize) -> Result<FloatModel<'_>> {
-    if bytes.len() < 8 || !tflite::model_buffer_has_identifier(bytes) {
-        return Err(DequantizeError::NotTflite);
-    }
-    let model = tflite::root_as_model(bytes).map_err(|e| malformed(e.to_string()))?;
-    let graph = Graph::read(&model)?;
+    let graph = Graph::from_bytes(bytes)?;
     let normalization = graph.input_normalization()?;
     let stages = graph.rebuild()?.into_stages(stages);
     Ok(FloatModel { stages, normalization })
