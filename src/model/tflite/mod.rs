@@ -12,9 +12,10 @@ pub mod archive;
 mod dequantize;
 mod quant;
 mod read;
+mod write;
 
-use dequantize::Rebuilt;
 use read::Graph;
+use write::Rebuilt;
 
 /// Why a model could not be rebuilt.
 #[derive(Debug, thiserror::Error)]
