@@ -12,6 +12,7 @@ pub mod archive;
 mod dequantize;
 mod quant;
 mod read;
+mod stages;
 mod write;
 
 use read::Graph;
