@@ -7,11 +7,21 @@
 //! flatbuffer: every constant is dequantized to its real values, every
 //! activation becomes float32 with no quantization parameters, and the quirks
 //! of both sides are made explicit.
+//!
+//! The steps, a file each, in the order a model goes through them:
+//!
+//! - `archive`: finds the flatbuffer, alone or in a gzip'd tar;
+//! - `read`: verifies the untrusted flatbuffer and reads a checked graph;
+//! - `rewrite`: the float32 rewrite, operator by operator;
+//! - `stages`: cuts the rebuilt graph into stages of about equal cost;
+//! - `write`: the rebuilt graph and its serialization, stage by stage.
+//!
+//! `quant` holds the quantization parameters and arithmetic they all share.
 
 pub mod archive;
-mod dequantize;
 mod quant;
 mod read;
+mod rewrite;
 mod stages;
 mod write;
 

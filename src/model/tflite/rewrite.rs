@@ -1,6 +1,8 @@
-//! The float32 rewrite of a TFLite graph.
-//!
-//! Quirks of both sides made explicit by the rewrite:
+//! The float32 rewrite of a TFLite graph: each operator of the source graph
+//! becomes the float32 operators that compute the same real values, and each
+//! tensor a float32 one, its constant values dequantized. The rules live
+//! here, apart from reading and writing, because they are where the quirks
+//! of both sides are made explicit:
 //!
 //! - quantized models often store no fused activation: the ReLU / ReLU6 clamp
 //!   is implied by the output's quantization range, which cannot go below zero
