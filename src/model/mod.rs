@@ -13,8 +13,8 @@ use tract_tflite::prelude::*;
 
 use kernels::{dense, depthwise};
 pub use tflite::archive::extract_tflite;
-pub use tflite::dequantize::{DequantizeError, Normalization};
-use tflite::{archive, dequantize};
+use tflite::{self as dequantize, archive};
+pub use tflite::{DequantizeError, Normalization};
 
 /// Why a model could not be prepared or run.
 #[derive(Debug, thiserror::Error)]
