@@ -155,6 +155,13 @@ impl EvalOp for DenseConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        // A panic in here is a bug of the tool's: shown, and not blamed on the model.
+        crate::model::own_op(&self.name(), || self.eval_images(inputs))
+    }
+}
+
+impl DenseConv {
+    fn eval_images(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let g = &self.geometry;
         let input = &inputs[0];
         let batch = input.shape()[0];
@@ -874,6 +881,23 @@ mod tests {
             check_input_reads::<12>(&g);
             check_input_reads::<16>(&g);
         }
+    }
+
+    #[test]
+    fn a_panic_in_the_op_is_the_tools_own_and_shown() {
+        let case = Case::new((4, 4), (8, 16), 3, 1);
+        let mut model = graph(&case);
+        assert_eq!(fuse(&mut model).unwrap(), 1);
+        let plan = model.into_runnable().unwrap();
+        let (outcome, quiet) = crate::model::tests::with_panic_in("DenseConvNhwcF32", || {
+            crate::model::guarded(|| plan.run(tvec!(case.input().into())))
+        });
+        let error = outcome.unwrap_err();
+        assert!(
+            matches!(&error, crate::model::ModelError::Internal { op, .. } if op == "DenseConvNhwcF32"),
+            "{error:?}"
+        );
+        assert_eq!(quiet, Some(false), "the panic hook would have hidden it");
     }
 
     #[test]

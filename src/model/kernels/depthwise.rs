@@ -69,6 +69,13 @@ impl EvalOp for DepthwiseConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        // A panic in here is a bug of the tool's: shown, and not blamed on the model.
+        crate::model::own_op(&self.name(), || self.eval_images(inputs))
+    }
+}
+
+impl DepthwiseConv {
+    fn eval_images(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let g = &self.geometry;
         let batch = input.shape()[0];
@@ -598,6 +605,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_panic_in_the_op_is_the_tools_own_and_shown() {
+        let case =
+            Case { size: (4, 4), channels: 16, kernel: 3, stride: 1, padding: PaddingSpec::SameUpper, clamp: RELU6 };
+        let mut model = graph(&case);
+        crate::model::declutter().optimize(&mut model).unwrap();
+        assert_eq!(fuse(&mut model).unwrap(), 1);
+        let plan = model.into_runnable().unwrap();
+        let input = Tensor::from_shape(&[1, 4, 4, 16], &input(4, 4, 16)).unwrap();
+        let (outcome, quiet) = crate::model::tests::with_panic_in("DepthwiseConvNhwcF32", || {
+            crate::model::guarded(|| plan.run(tvec!(input.into())))
+        });
+        let error = outcome.unwrap_err();
+        assert!(
+            matches!(&error, crate::model::ModelError::Internal { op, .. } if op == "DepthwiseConvNhwcF32"),
+            "{error:?}"
+        );
+        assert_eq!(quiet, Some(false), "the panic hook would have hidden it");
     }
 
     #[test]
