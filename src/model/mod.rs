@@ -29,6 +29,9 @@ pub enum ModelError {
     Tract(TractError),
     #[error("the model is inconsistent: {0}")]
     Inconsistent(String),
+    /// A panic in the tool's own code run inside tract: a bug, not a bad model.
+    #[error("internal error in the tool's own {op} op: {message}")]
+    Internal { op: String, message: String },
 }
 
 thread_local! {
@@ -45,20 +48,54 @@ pub fn panic_is_guarded() -> bool {
 /// tract trusts every shape it is given and some inconsistent ones make it
 /// panic: such a panic is caught here and reported as a bad model.
 fn guarded<T>(f: impl FnOnce() -> TractResult<T>) -> Result<T, ModelError> {
-    GUARDED.set(true);
+    let outer = GUARDED.replace(true);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    GUARDED.set(false);
+    GUARDED.set(outer);
     match outcome {
         Ok(result) => result.map_err(ModelError::Tract),
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "tract failed".into());
-            Err(ModelError::Inconsistent(message))
-        }
+        Err(payload) => match payload.downcast::<OwnOpPanic>() {
+            Ok(own) => Err(ModelError::Internal { op: own.op, message: own.message }),
+            Err(payload) => {
+                Err(ModelError::Inconsistent(panic_message(&*payload).unwrap_or_else(|| "tract failed".into())))
+            }
+        },
     }
+}
+
+/// What a panic in one of the tool's own ops becomes on its way out through
+/// tract, so that `guarded` can tell it from one of tract's.
+struct OwnOpPanic {
+    op: String,
+    message: String,
+}
+
+/// Runs `eval`, the body of the tool's own op `op`, outside the guard: a
+/// panic there is a bug in the tool, which the panic hook must show, and
+/// which must not be reported as a bad model.
+fn own_op<T>(op: &str, eval: impl FnOnce() -> T) -> T {
+    let outer = GUARDED.replace(false);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        #[cfg(test)]
+        tests::panic_if_asked(op);
+        eval()
+    }));
+    GUARDED.set(outer);
+    match outcome {
+        Ok(value) => value,
+        // `resume_unwind` does not call the hook again: it has shown the
+        // panic already.
+        Err(payload) if outer => {
+            let message = panic_message(&*payload).unwrap_or_else(|| "no message".into());
+            std::panic::resume_unwind(Box::new(OwnOpPanic { op: op.to_string(), message }))
+        }
+        // Outside the guard, callers get the panic as it was.
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+/// The message of a panic raised by `panic!` and its kin.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned())
 }
 
 /// What a model expects as input.
@@ -278,6 +315,80 @@ fn classifier_shape(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The op whose next `eval` on this thread panics, for the tests.
+        static PANIC_IN: Cell<Option<&'static str>> = const { Cell::new(None) };
+        /// `panic_is_guarded()` as the panic hook last saw it on this thread.
+        static GUARDED_IN_HOOK: Cell<Option<bool>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn panic_if_asked(op: &str) {
+        if PANIC_IN.get() == Some(op) {
+            PANIC_IN.set(None);
+            panic!("a deliberate panic in {op}");
+        }
+    }
+
+    /// What `f` gave, and whether the panic hook would have stayed quiet
+    /// for the last panic on this thread while it ran (`None` if none did).
+    fn hook_sees<T>(f: impl FnOnce() -> T) -> (T, Option<bool>) {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let shown = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                GUARDED_IN_HOOK.set(Some(panic_is_guarded()));
+                shown(info)
+            }));
+        });
+        GUARDED_IN_HOOK.set(None);
+        let value = f();
+        (value, GUARDED_IN_HOOK.get())
+    }
+
+    /// As `hook_sees`, with the next `eval` of the tool's own op `op` on
+    /// this thread panicking.
+    pub(in crate::model) fn with_panic_in<T>(op: &'static str, f: impl FnOnce() -> T) -> (T, Option<bool>) {
+        PANIC_IN.set(Some(op));
+        let seen = hook_sees(f);
+        assert!(PANIC_IN.replace(None).is_none(), "{op} was never evaluated");
+        seen
+    }
+
+    #[test]
+    fn a_panic_in_tract_is_a_bad_model_and_kept_quiet() {
+        let (outcome, quiet) = hook_sees(|| guarded(|| -> TractResult<()> { panic!("bad shape") }));
+        assert!(matches!(&outcome, Err(ModelError::Inconsistent(m)) if m == "bad shape"), "{outcome:?}");
+        assert_eq!(quiet, Some(true));
+        assert!(!panic_is_guarded());
+    }
+
+    #[test]
+    fn a_panic_in_the_tools_own_op_is_shown_and_reported_as_internal() {
+        let (outcome, quiet) = with_panic_in("Op", || {
+            guarded(|| {
+                // The guard is back on for tract after the op unwound.
+                let unwound = std::panic::catch_unwind(|| own_op("Op", || ()));
+                Ok((unwound.is_err(), panic_is_guarded(), own_op("Op", || 7)))
+            })
+        });
+        assert_eq!(outcome.unwrap(), (true, true, 7));
+        assert_eq!(quiet, Some(false));
+
+        let (outcome, quiet) = with_panic_in("Op", || guarded(|| Ok(own_op("Op", || 1))));
+        let error = outcome.unwrap_err();
+        assert!(matches!(&error, ModelError::Internal { op, .. } if op == "Op"), "{error:?}");
+        assert_eq!(error.to_string(), "internal error in the tool's own Op op: a deliberate panic in Op");
+        assert_eq!(quiet, Some(false));
+    }
+
+    #[test]
+    fn outside_the_guard_a_panic_in_the_tools_own_op_keeps_its_message() {
+        let (outcome, _) = with_panic_in("Op", || std::panic::catch_unwind(|| own_op("Op", || ())));
+        let payload = outcome.unwrap_err();
+        assert_eq!(panic_message(&*payload).as_deref(), Some("a deliberate panic in Op"));
+    }
 
     fn mock() -> Vec<u8> {
         std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mock_model.tflite")).unwrap()

@@ -55,6 +55,25 @@ struct Geometry {
 }
 
 impl Geometry {
+    fn new(
+        padding: &PaddingSpec,
+        input: (usize, usize),
+        (in_channels, out_channels): (usize, usize),
+        kernel: (usize, usize),
+        stride: (usize, usize),
+    ) -> Geometry {
+        let padded = padding.compute(&[input.0, input.1], &[kernel.0, kernel.1], &[1, 1], &[stride.0, stride.1]);
+        Geometry {
+            in_channels,
+            out_channels,
+            input,
+            output: (padded[0].convoluted, padded[1].convoluted),
+            kernel,
+            stride,
+            pad: (padded[0].pad_before, padded[1].pad_before),
+        }
+    }
+
     fn taps(&self) -> usize {
         self.kernel.0 * self.kernel.1
     }
@@ -62,6 +81,55 @@ impl Geometry {
     fn vectors(&self) -> usize {
         self.out_channels.div_ceil(LANES)
     }
+
+    /// Where output pixel `p` reads its first tap, and which taps it has.
+    #[inline(always)]
+    fn first_tap(&self, p: usize) -> (usize, (usize, usize), (usize, usize)) {
+        let (oy, ox) = (p / self.output.1, p % self.output.1);
+        let ky = taps(oy, self.stride.0, self.pad.0, self.kernel.0, self.input.0);
+        let kx = taps(ox, self.stride.1, self.pad.1, self.kernel.1, self.input.1);
+        let (iy, ix) = (oy * self.stride.0 + ky.0 - self.pad.0, ox * self.stride.1 + kx.0 - self.pad.1);
+        ((iy * self.input.1 + ix) * self.in_channels, ky, kx)
+    }
+
+    /// Where output pixels `[p, p + M)` read their first taps, if they all
+    /// exist and have every tap, as `sum_block` reads them for a block.
+    #[inline(always)]
+    fn block<const M: usize>(&self, p: usize) -> Option<[usize; M]> {
+        let full = ((0, self.kernel.0), (0, self.kernel.1));
+        if p + M > self.output.0 * self.output.1 {
+            return None;
+        }
+        let mut at = [0; M];
+        for (m, at) in at.iter_mut().enumerate() {
+            let (first, ky, kx) = self.first_tap(p + m);
+            if (ky, kx) != full {
+                return None;
+            }
+            *at = first;
+        }
+        Some(at)
+    }
+
+    /// Where tap `(y, x)` of a pixel reads, from where its first tap
+    /// `first` does: the input channels of that tap's pixel follow.
+    #[inline(always)]
+    fn shift(&self, first: (usize, usize), (y, x): (usize, usize)) -> usize {
+        ((y - first.0) * self.input.1 + (x - first.1)) * self.in_channels
+    }
+
+    /// Where the weights of tap `(y, x)` start in a block of `width` output
+    /// vectors: one vector of each for every input channel follows.
+    #[inline(always)]
+    fn weights_at(&self, width: usize, (y, x): (usize, usize)) -> usize {
+        (y * self.kernel.1 + x) * self.in_channels * width * LANES
+    }
+}
+
+/// The blocks of output vectors summed together, as `(first, count)`:
+/// `WIDTH` at a time, then what is left.
+fn blocks(vectors: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..vectors).step_by(WIDTH).map(move |v0| (v0, (vectors - v0).min(WIDTH)))
 }
 
 // As for the depthwise op: a NaN weight only makes equal ops look different.
@@ -87,6 +155,13 @@ impl EvalOp for DenseConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        // A panic in here is a bug of the tool's: shown, and not blamed on the model.
+        crate::model::own_op(&self.name(), || self.eval_images(inputs))
+    }
+}
+
+impl DenseConv {
+    fn eval_images(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let g = &self.geometry;
         let input = &inputs[0];
         let batch = input.shape()[0];
@@ -133,22 +208,51 @@ impl TypedOp for DenseConv {
     as_op!();
 }
 
-/// Runs the op on one image. The numbers after the vector type are how many
-/// pixels are summed at once for blocks of 3, 2 and 1 output vectors: as
-/// many as the CPU's vector registers hold sums for, with room left for the
-/// weights.
+/// Runs the op on one image, with AVX-512 where this CPU has it.
 fn run(op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
+    Variant::ALL.iter().copied().find(|v| v.available()).unwrap_or(Variant::Portable).run(op, src, dst, residual)
+}
+
+/// The builds of the loops, widest first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Variant {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features `run_avx512` is compiled for.
-            return unsafe { run_avx512(op, src, dst, residual) };
+    Avx512,
+    /// The tool only plans the op where `has_vector_kernels`; the tests
+    /// plan it anywhere, and get this slow but correct code.
+    Portable,
+}
+
+impl Variant {
+    const ALL: &[Variant] = &[
+        #[cfg(target_arch = "x86_64")]
+        Variant::Avx512,
+        Variant::Portable,
+    ];
+
+    fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+            }
+            Variant::Portable => true,
         }
     }
-    // The tool only plans the op where `has_vector_kernels`; the tests
-    // plan it anywhere, and get this slow but correct code.
-    // SAFETY: plain arrays need no CPU feature.
-    unsafe { run_with::<[f32; LANES], 1, 1, 1>(op, src, dst, residual) }
+
+    /// The numbers after the vector type are how many pixels are summed at
+    /// once for blocks of 3, 2 and 1 output vectors: as many as the CPU's
+    /// vector registers hold sums for, with room left for the weights.
+    fn run(self, op: &DenseConv, src: &[f32], dst: &mut [f32], residual: Option<&[f32]>) {
+        assert!(self.available(), "{self:?} on a CPU without it");
+        match self {
+            // SAFETY: the CPU has the features `run_avx512` is compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => unsafe { run_avx512(op, src, dst, residual) },
+            // SAFETY: plain arrays need no CPU feature.
+            Variant::Portable => unsafe { run_with::<[f32; LANES], 1, 1, 1>(op, src, dst, residual) },
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -227,9 +331,7 @@ unsafe fn run_with<V: Lanes, const M3: usize, const M2: usize, const M1: usize>(
 ) {
     let g = &op.geometry;
     let per_vector = LANES * g.taps() * g.in_channels;
-    let mut v0 = 0;
-    while v0 < g.vectors() {
-        let width = (g.vectors() - v0).min(WIDTH);
+    for (v0, width) in blocks(g.vectors()) {
         let weights = &op.weights[v0 * per_vector..][..width * per_vector];
         let out = Outputs { dst: &mut *dst, residual, v0 };
         // SAFETY: as the caller promises.
@@ -240,7 +342,6 @@ unsafe fn run_with<V: Lanes, const M3: usize, const M2: usize, const M1: usize>(
                 _ => pixels::<V, M1, 1>(op, src, weights, out),
             }
         }
-        v0 += width;
     }
 }
 
@@ -267,33 +368,16 @@ unsafe fn pixels<V: Lanes, const M: usize, const W: usize>(
     let g = &op.geometry;
     let count = g.output.0 * g.output.1;
     let full = ((0, g.kernel.0), (0, g.kernel.1));
-    // Where output pixel `p` reads its first tap, and which taps it has.
-    let first_tap = |p: usize| {
-        let (oy, ox) = (p / g.output.1, p % g.output.1);
-        let ky = taps(oy, g.stride.0, g.pad.0, g.kernel.0, g.input.0);
-        let kx = taps(ox, g.stride.1, g.pad.1, g.kernel.1, g.input.1);
-        let (iy, ix) = (oy * g.stride.0 + ky.0 - g.pad.0, ox * g.stride.1 + kx.0 - g.pad.1);
-        ((iy * g.input.1 + ix) * g.in_channels, ky, kx)
-    };
     let mut p = 0;
     while p < count {
-        if p + M <= count {
-            let mut at = [0; M];
-            let mut all_taps = true;
-            for (m, at) in at.iter_mut().enumerate() {
-                let (first, ky, kx) = first_tap(p + m);
-                all_taps &= (ky, kx) == full;
-                *at = first;
-            }
-            if all_taps {
-                // SAFETY: as the caller promises.
-                let sums = unsafe { sum_block::<V, M, W>(op, src, weights, &at, out.v0, full.0, full.1) };
-                store(op, &mut out, p, &sums);
-                p += M;
-                continue;
-            }
+        if let Some(at) = g.block::<M>(p) {
+            // SAFETY: as the caller promises.
+            let sums = unsafe { sum_block::<V, M, W>(op, src, weights, &at, out.v0, full.0, full.1) };
+            store(op, &mut out, p, &sums);
+            p += M;
+            continue;
         }
-        let (first, ky, kx) = first_tap(p);
+        let (first, ky, kx) = g.first_tap(p);
         // SAFETY: as the caller promises.
         let sums = unsafe { sum_block::<V, 1, W>(op, src, weights, &[first], out.v0, ky, kx) };
         store(op, &mut out, p, &sums);
@@ -329,14 +413,15 @@ unsafe fn sum_block<V: Lanes, const M: usize, const W: usize>(
         }
         for y in ky.0..ky.1 {
             for x in kx.0..kx.1 {
-                let shift = ((y - ky.0) * g.input.1 + (x - kx.0)) * cin;
-                let k = (y * g.kernel.1 + x) * cin * W * LANES;
+                let shift = g.shift((ky.0, kx.0), (y, x));
+                let k = g.weights_at(W, (y, x));
                 for c in 0..cin {
                     let mut w = [V::splat(0.0); W];
                     for (n, w) in w.iter_mut().enumerate() {
                         *w = V::load(weights, k + (c * W + n) * LANES);
                     }
                     for (m, pixel) in sums.iter_mut().enumerate() {
+                        debug_assert!(at[m] + shift + c < src.len());
                         let v = V::splat(*src.get_unchecked(at[m] + shift + c));
                         for (sums, &w) in pixel.iter_mut().zip(&w) {
                             *sums = v.mul_add(w, *sums);
@@ -467,9 +552,7 @@ fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
 fn pack(g: &Geometry, kernel: &[f32]) -> Vec<f32> {
     let (taps, cin, cout) = (g.taps(), g.in_channels, g.out_channels);
     let mut packed = Vec::with_capacity(g.vectors() * LANES * taps * cin);
-    let mut v0 = 0;
-    while v0 < g.vectors() {
-        let width = (g.vectors() - v0).min(WIDTH);
+    for (v0, width) in blocks(g.vectors()) {
         for t in 0..taps {
             for c in 0..cin {
                 for lane in 0..width * LANES {
@@ -478,7 +561,6 @@ fn pack(g: &Geometry, kernel: &[f32]) -> Vec<f32> {
                 }
             }
         }
-        v0 += width;
     }
     packed
 }
@@ -514,16 +596,7 @@ fn conv_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(Geometry
         return Ok(None);
     }
     let strides = spec.strides.clone().unwrap_or_else(|| tvec!(1, 1));
-    let padded = spec.padding.compute(&[h, w], &spec.kernel_shape, &[1, 1], &strides);
-    let geometry = Geometry {
-        in_channels: cin,
-        out_channels: cout,
-        input: (h, w),
-        output: (padded[0].convoluted, padded[1].convoluted),
-        kernel: (kh, kw),
-        stride: (strides[0], strides[1]),
-        pad: (padded[0].pad_before, padded[1].pad_before),
-    };
+    let geometry = Geometry::new(&spec.padding, (h, w), (cin, cout), (kh, kw), (strides[0], strides[1]));
     let kernel = kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     Ok(Some((geometry, kernel, Some(bias))))
@@ -690,17 +763,141 @@ mod tests {
         let src = &input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap()[..per_image_in].to_vec();
         let per_image_out = g.output.0 * g.output.1 * g.out_channels;
         let residual = case.residual.then(|| src.clone());
-        let mut dst = vec![f32::NAN; per_image_out];
-        unsafe { run_with::<[f32; LANES], 1, 1, 1>(&op, src, &mut dst, residual.as_deref()) };
-        assert_close(&expected[..per_image_out], &dst, "portable");
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-                let mut dst = vec![f32::NAN; per_image_out];
-                unsafe { run_avx512(&op, src, &mut dst, residual.as_deref()) };
-                assert_close(&expected[..per_image_out], &dst, "avx512");
+        for &variant in Variant::ALL {
+            if !variant.available() {
+                println!("{variant:?} skipped: this CPU lacks it");
+                continue;
+            }
+            let mut dst = vec![f32::NAN; per_image_out];
+            variant.run(&op, src, &mut dst, residual.as_deref());
+            assert_close(&expected[..per_image_out], &dst, &format!("{variant:?}"));
+        }
+    }
+
+    /// The geometries the op meets: sizes odd and even, some smaller than
+    /// the kernel or than a block of pixels, both strides, each padding.
+    fn geometries(channels: &[(usize, usize)]) -> Vec<Geometry> {
+        let paddings = [PaddingSpec::SameUpper, PaddingSpec::Valid, PaddingSpec::Explicit(tvec!(2, 0), tvec!(0, 1))];
+        let mut all = vec![];
+        for h in 1..=9 {
+            for w in 1..=9 {
+                for &c in channels {
+                    for (k, s) in [(1, 1), (1, 2), (3, 1), (3, 2), (5, 1), (5, 2)] {
+                        for padding in &paddings {
+                            let g = Geometry::new(padding, (h, w), c, (k, k), (s, s));
+                            // As `dense_at`, which leaves empty outputs to tract.
+                            if g.output.0 > 0 && g.output.1 > 0 {
+                                all.push(g);
+                            }
+                        }
+                    }
+                }
             }
         }
+        all
+    }
+
+    #[test]
+    fn blocks_of_vectors_cover_every_vector_once() {
+        for vectors in 0..40 {
+            let mut next = 0;
+            for (v0, width) in blocks(vectors) {
+                assert!(v0 == next && (1..=WIDTH).contains(&width), "{vectors}: {v0}, {width}");
+                next += width;
+            }
+            assert_eq!(next, vectors);
+        }
+    }
+
+    #[test]
+    fn every_weight_and_bias_read_is_inside_its_slice() {
+        for g in geometries(&[(1, 1), (3, 16), (5, 24), (2, 56), (17, 80)]) {
+            let per_vector = LANES * g.taps() * g.in_channels;
+            let (weights, bias) = (g.vectors() * per_vector, g.vectors() * LANES);
+            for (v0, width) in blocks(g.vectors()) {
+                // `run_with` slices the block's weights out, with checks.
+                assert!((v0 + width) * per_vector <= weights, "{v0} of {g:?}");
+                for n in 0..width {
+                    assert!((v0 + n) * LANES + LANES <= bias, "bias {v0} + {n} of {g:?}");
+                }
+                for (y, x) in (0..g.kernel.0).flat_map(|y| (0..g.kernel.1).map(move |x| (y, x))) {
+                    let k = g.weights_at(width, (y, x));
+                    // Read from k: a vector for each input channel and output vector.
+                    for c in 0..g.in_channels {
+                        for n in 0..width {
+                            let at = k + (c * width + n) * LANES;
+                            assert!(at + LANES <= width * per_vector, "{y}, {x}, {c}, {n} of {g:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where output pixel `p`'s tap `(y, x)` reads, straight from the definition.
+    fn input_pixel(g: &Geometry, p: usize, (y, x): (usize, usize)) -> usize {
+        let (oy, ox) = (p / g.output.1, p % g.output.1);
+        let (iy, ix) =
+            ((oy * g.stride.0 + y) as isize - g.pad.0 as isize, (ox * g.stride.1 + x) as isize - g.pad.1 as isize);
+        assert!(
+            (0..g.input.0 as isize).contains(&iy) && (0..g.input.1 as isize).contains(&ix),
+            "{p}, {y}, {x} of {g:?}"
+        );
+        (iy as usize * g.input.1 + ix as usize) * g.in_channels
+    }
+
+    /// Checks the reads of blocks of `M` pixels and of single pixels.
+    fn check_input_reads<const M: usize>(g: &Geometry) {
+        let (count, len) = (g.output.0 * g.output.1, g.input.0 * g.input.1 * g.in_channels);
+        let read = |p: usize, at: usize, first: (usize, usize), tap: (usize, usize)| {
+            let pixel = at + g.shift(first, tap);
+            assert_eq!(pixel, input_pixel(g, p, tap), "{p}, {tap:?} of {g:?}");
+            // `sum_block` reads the pixel's input channels from there.
+            assert!(pixel + g.in_channels <= len, "{p}, {tap:?} of {g:?}");
+        };
+        for p in 0..count {
+            let (first, ky, kx) = g.first_tap(p);
+            for tap in (ky.0..ky.1).flat_map(|y| (kx.0..kx.1).map(move |x| (y, x))) {
+                read(p, first, (ky.0, kx.0), tap);
+            }
+            if let Some(at) = g.block::<M>(p) {
+                for (m, &at) in at.iter().enumerate() {
+                    let full = (at, (0, g.kernel.0), (0, g.kernel.1));
+                    assert_eq!(g.first_tap(p + m), full, "{p} + {m} of {g:?}");
+                    for tap in (0..g.kernel.0).flat_map(|y| (0..g.kernel.1).map(move |x| (y, x))) {
+                        read(p + m, at, (0, 0), tap);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_input_read_is_inside_the_input() {
+        for g in geometries(&[(1, 16), (3, 16), (17, 16)]) {
+            // The portable build's blocks, and the AVX-512 build's.
+            check_input_reads::<1>(&g);
+            check_input_reads::<8>(&g);
+            check_input_reads::<12>(&g);
+            check_input_reads::<16>(&g);
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_op_is_the_tools_own_and_shown() {
+        let case = Case::new((4, 4), (8, 16), 3, 1);
+        let mut model = graph(&case);
+        assert_eq!(fuse(&mut model).unwrap(), 1);
+        let plan = model.into_runnable().unwrap();
+        let (outcome, quiet) = crate::model::tests::with_panic_in("DenseConvNhwcF32", || {
+            crate::model::guarded(|| plan.run(tvec!(case.input().into())))
+        });
+        let error = outcome.unwrap_err();
+        assert!(
+            matches!(&error, crate::model::ModelError::Internal { op, .. } if op == "DenseConvNhwcF32"),
+            "{error:?}"
+        );
+        assert_eq!(quiet, Some(false), "the panic hook would have hidden it");
     }
 
     #[test]

@@ -69,6 +69,13 @@ impl EvalOp for DepthwiseConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        // A panic in here is a bug of the tool's: shown, and not blamed on the model.
+        crate::model::own_op(&self.name(), || self.eval_images(inputs))
+    }
+}
+
+impl DepthwiseConv {
+    fn eval_images(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let g = &self.geometry;
         let batch = input.shape()[0];
@@ -111,19 +118,52 @@ impl TypedOp for DepthwiseConv {
 
 /// Runs the op on one image, with the widest vector instructions this CPU has.
 fn run(op: &DepthwiseConv, src: &[f32], dst: &mut [f32]) {
+    Variant::ALL.iter().copied().find(|v| v.available()).unwrap_or(Variant::Portable).run(op, src, dst)
+}
+
+/// The builds of the loops, widest first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Variant {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features `run_avx512` is compiled for.
-            return unsafe { run_avx512(op, src, dst) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { run_avx2(op, src, dst) };
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Variant {
+    const ALL: &[Variant] = &[
+        #[cfg(target_arch = "x86_64")]
+        Variant::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Variant::Avx2,
+        Variant::Portable,
+    ];
+
+    fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            Variant::Portable => true,
         }
     }
-    // Multiply-add is a base instruction on 64-bit ARM, not on x86-64.
-    run_portable::<{ cfg!(target_arch = "aarch64") }>(op, src, dst)
+
+    fn run(self, op: &DepthwiseConv, src: &[f32], dst: &mut [f32]) {
+        assert!(self.available(), "{self:?} on a CPU without it");
+        match self {
+            // SAFETY: the CPU has the features these are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => unsafe { run_avx512(op, src, dst) },
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx2 => unsafe { run_avx2(op, src, dst) },
+            // Multiply-add is a base instruction on 64-bit ARM, not on x86-64.
+            Variant::Portable => run_portable::<{ cfg!(target_arch = "aarch64") }>(op, src, dst),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -145,22 +185,77 @@ fn run_avx2(op: &DepthwiseConv, src: &[f32], dst: &mut [f32]) {
 #[inline(always)]
 fn run_portable<const FUSED: bool>(op: &DepthwiseConv, src: &[f32], dst: &mut [f32]) {
     let g = &op.geometry;
-    let full = (0, g.kernel.1);
     for oy in 0..g.output.0 {
-        let ky = taps(oy, g.stride.0, g.pad.0, g.kernel.0, g.input.0);
+        let ky = g.taps_y(oy);
         let mut ox = 0;
         while ox < g.output.1 {
             // Away from the left and right edges every pixel has all its
             // taps: PIXELS of them share each load of the weights.
-            let kx = |ox| taps(ox, g.stride.1, g.pad.1, g.kernel.1, g.input.1);
-            if ox + PIXELS <= g.output.1 && kx(ox) == full && kx(ox + PIXELS - 1) == full {
+            if g.all_taps_across(ox) {
                 sum_pixels::<FUSED>(op, src, dst, (oy, ox), ky);
                 ox += PIXELS;
             } else {
-                sum_pixel::<FUSED>(op, src, dst, (oy, ox), ky, kx(ox));
+                sum_pixel::<FUSED>(op, src, dst, (oy, ox), ky, g.taps_x(ox));
                 ox += 1;
             }
         }
+    }
+}
+
+/// Where the vector reads of a pixel's channels stop, which `lanes` relies
+/// on: the end of the last whole group of vectors, then of the last whole
+/// vector. The channels past them are read one by one, with checks.
+#[inline(always)]
+fn vector_ends(channels: usize) -> (usize, usize) {
+    (channels - channels % (GROUP * LANES), channels - channels % LANES)
+}
+
+impl Geometry {
+    fn new(
+        padding: &PaddingSpec,
+        input: (usize, usize),
+        channels: usize,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+    ) -> Geometry {
+        let padded = padding.compute(&[input.0, input.1], &[kernel.0, kernel.1], &[1, 1], &[stride.0, stride.1]);
+        Geometry {
+            channels,
+            input,
+            output: (padded[0].convoluted, padded[1].convoluted),
+            kernel,
+            stride,
+            pad: (padded[0].pad_before, padded[1].pad_before),
+        }
+    }
+
+    /// The kernel rows that output row `oy` has inside the input.
+    #[inline(always)]
+    fn taps_y(&self, oy: usize) -> (usize, usize) {
+        taps(oy, self.stride.0, self.pad.0, self.kernel.0, self.input.0)
+    }
+
+    /// The kernel columns that output column `ox` has inside the input.
+    #[inline(always)]
+    fn taps_x(&self, ox: usize) -> (usize, usize) {
+        taps(ox, self.stride.1, self.pad.1, self.kernel.1, self.input.1)
+    }
+
+    /// Whether output columns `[ox, ox + PIXELS)` all exist and have every
+    /// kernel column inside the input, as `sum_pixels` reads them. The
+    /// columns a pixel has only shrink towards the edges, so the first and
+    /// last pixel stand for those between.
+    #[inline(always)]
+    fn all_taps_across(&self, ox: usize) -> bool {
+        let full = (0, self.kernel.1);
+        ox + PIXELS <= self.output.1 && self.taps_x(ox) == full && self.taps_x(ox + PIXELS - 1) == full
+    }
+
+    /// Where the input of the pixel `p` columns right of one that reads at
+    /// `i` is, for the same tap.
+    #[inline(always)]
+    fn beside(&self, i: usize, p: usize) -> usize {
+        i + p * self.stride.1 * self.channels
     }
 }
 
@@ -185,8 +280,9 @@ fn sum_pixels<const FUSED: bool>(
     let c = g.channels;
     let (kernel, bias) = (op.kernel.as_slice(), op.bias.as_slice());
     let out = &mut dst[(oy * g.output.1 + ox) * c..][..PIXELS * c];
+    let (_, vectors) = vector_ends(c);
     let mut c0 = 0;
-    while c0 + LANES <= c {
+    while c0 < vectors {
         // SAFETY (here and below): see `lanes`.
         let mut acc = [unsafe { lanes(bias, c0) }; PIXELS];
         for y in ky.0..ky.1 {
@@ -194,7 +290,7 @@ fn sum_pixels<const FUSED: bool>(
                 let (i, k) = tap(g, (oy, ox), y, x);
                 let w = unsafe { lanes(kernel, k + c0) };
                 for (p, sums) in acc.iter_mut().enumerate() {
-                    let v = unsafe { lanes(src, i + p * g.stride.1 * c + c0) };
+                    let v = unsafe { lanes(src, g.beside(i, p) + c0) };
                     for l in 0..LANES {
                         sums[l] = multiply_add::<FUSED>(v[l], w[l], sums[l]);
                     }
@@ -227,12 +323,13 @@ fn sum_pixel<const FUSED: bool>(
     let c = g.channels;
     let out = &mut dst[(at.0 * g.output.1 + at.1) * c..][..c];
     let tap = |y, x| tap(g, at, y, x);
+    let (groups, vectors) = vector_ends(c);
     let mut c0 = 0;
-    while c0 + GROUP * LANES <= c {
+    while c0 < groups {
         sum_vectors::<GROUP, FUSED>(op, src, out, c0, ky, kx, &tap);
         c0 += GROUP * LANES;
     }
-    while c0 + LANES <= c {
+    while c0 < vectors {
         sum_vectors::<1, FUSED>(op, src, out, c0, ky, kx, &tap);
         c0 += LANES;
     }
@@ -351,18 +448,10 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
         return Ok(None);
     }
     let strides = spec.strides.clone().unwrap_or_else(|| tvec!(1, 1));
-    let padded = spec.padding.compute(&[h, w], &spec.kernel_shape, &[1, 1], &strides);
     if matches!(spec.padding, PaddingSpec::ExplicitOnnxPool(..)) {
         return Ok(None);
     }
-    let geometry = Geometry {
-        channels: c,
-        input: (h, w),
-        output: (padded[0].convoluted, padded[1].convoluted),
-        kernel: (kh, kw),
-        stride: (strides[0], strides[1]),
-        pad: (padded[0].pad_before, padded[1].pad_before),
-    };
+    let geometry = Geometry::new(&spec.padding, (h, w), c, (kh, kw), (strides[0], strides[1]));
     // Empty tensors are tract's to handle (`eval` cuts images by size).
     if [h, w, c, geometry.output.0, geometry.output.1].contains(&0) {
         return Ok(None);
@@ -425,11 +514,117 @@ mod tests {
         assert!(ops.contains(&"DepthwiseConvNhwcF32".to_string()), "{ops:?}");
         // A fused clamp leaves no min or max behind.
         assert_eq!(ops.iter().filter(|o| o.contains("Max") || o.contains("Min")).count(), 0, "{ops:?}");
+        let op = ours.nodes().iter().find_map(|n| n.op_as::<DepthwiseConv>()).unwrap().clone();
         let (expected, got) = (run(tract, &input), run(ours, &input));
         assert_eq!(expected.shape(), got.shape());
         let (expected, got) =
             (expected.to_plain_array_view::<f32>().unwrap(), got.to_plain_array_view::<f32>().unwrap());
-        assert_close(expected.as_slice().unwrap(), got.as_slice().unwrap(), "depthwise");
+        let expected = expected.as_slice().unwrap();
+        assert_close(expected, got.as_slice().unwrap(), "depthwise");
+
+        // Each build of the loops on its own, not only the one this CPU picks.
+        let src = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        for &variant in Variant::ALL {
+            if !variant.available() {
+                println!("{variant:?} skipped: this CPU lacks it");
+                continue;
+            }
+            let mut dst = vec![f32::NAN; expected.len()];
+            variant.run(&op, &src, &mut dst);
+            assert_close(expected, &dst, &format!("{variant:?}"));
+        }
+    }
+
+    /// The geometries the op meets: sizes odd and even, some smaller than
+    /// the kernel or than a block of pixels, both strides, each padding.
+    fn geometries(channels: &[usize]) -> Vec<Geometry> {
+        let paddings = [PaddingSpec::SameUpper, PaddingSpec::Valid, PaddingSpec::Explicit(tvec!(2, 0), tvec!(0, 1))];
+        let mut all = vec![];
+        for h in 1..=9 {
+            for w in 1..=9 {
+                for &c in channels {
+                    for (k, s) in [(1, 1), (1, 2), (3, 1), (3, 2), (5, 1), (5, 2)] {
+                        for padding in &paddings {
+                            let g = Geometry::new(padding, (h, w), c, (k, k), (s, s));
+                            // As `depthwise_at`, which leaves empty outputs to tract.
+                            if g.output.0 > 0 && g.output.1 > 0 {
+                                all.push(g);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn vector_reads_stop_within_the_channels() {
+        for c in 0..200 {
+            let (groups, vectors) = vector_ends(c);
+            assert!(groups <= vectors && vectors <= c, "{c}: {groups} {vectors}");
+            assert_eq!((groups % (GROUP * LANES), vectors % LANES), (0, 0), "{c}");
+            // The channels read one by one are fewer than a vector's.
+            assert!(c - vectors < LANES && vectors - groups < GROUP * LANES, "{c}: {groups} {vectors}");
+        }
+    }
+
+    #[test]
+    fn every_vector_read_is_inside_its_slice() {
+        for g in geometries(&[1, 16, 23, 71]) {
+            let c = g.channels;
+            let (src, kernel) = (g.input.0 * g.input.1 * c, g.kernel.0 * g.kernel.1 * c);
+            let (_, vectors) = vector_ends(c);
+            let read = |(i, k): (usize, usize), what: &str| {
+                for c0 in (0..vectors).step_by(LANES) {
+                    assert!(i + c0 + LANES <= src && k + c0 + LANES <= kernel, "{what} at {i}, {k}, {c0} of {g:?}");
+                }
+                // The channels past the vectors, read with checks, are in
+                // the same pixel: any other is a wrong read.
+                assert!(i + c <= src && k + c <= kernel, "{what} at {i}, {k} of {g:?}");
+            };
+            for oy in 0..g.output.0 {
+                let ky = g.taps_y(oy);
+                for ox in 0..g.output.1 {
+                    let kx = g.taps_x(ox);
+                    for (y, x) in (ky.0..ky.1).flat_map(|y| (kx.0..kx.1).map(move |x| (y, x))) {
+                        read(tap(&g, (oy, ox), y, x), "one pixel");
+                    }
+                    if !g.all_taps_across(ox) {
+                        continue;
+                    }
+                    for p in 0..PIXELS {
+                        // Each pixel of a block reads its own input, at every tap across.
+                        assert_eq!(g.taps_x(ox + p), (0, g.kernel.1), "{ox} + {p} of {g:?}");
+                        for (y, x) in (ky.0..ky.1).flat_map(|y| (0..g.kernel.1).map(move |x| (y, x))) {
+                            let (i, k) = tap(&g, (oy, ox), y, x);
+                            assert_eq!(g.beside(i, p), tap(&g, (oy, ox + p), y, x).0, "{ox} + {p} of {g:?}");
+                            read((g.beside(i, p), k), "a block");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_op_is_the_tools_own_and_shown() {
+        let case =
+            Case { size: (4, 4), channels: 16, kernel: 3, stride: 1, padding: PaddingSpec::SameUpper, clamp: RELU6 };
+        let mut model = graph(&case);
+        crate::model::declutter().optimize(&mut model).unwrap();
+        assert_eq!(fuse(&mut model).unwrap(), 1);
+        let plan = model.into_runnable().unwrap();
+        let input = Tensor::from_shape(&[1, 4, 4, 16], &input(4, 4, 16)).unwrap();
+        let (outcome, quiet) = crate::model::tests::with_panic_in("DepthwiseConvNhwcF32", || {
+            crate::model::guarded(|| plan.run(tvec!(input.into())))
+        });
+        let error = outcome.unwrap_err();
+        assert!(
+            matches!(&error, crate::model::ModelError::Internal { op, .. } if op == "DepthwiseConvNhwcF32"),
+            "{error:?}"
+        );
+        assert_eq!(quiet, Some(false), "the panic hook would have hidden it");
     }
 
     #[test]

@@ -86,3 +86,30 @@ pub fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<usize> {
     let successors = &model.node(outlet.node).outputs[outlet.slot].successors;
     (successors.len() == 1 && !model.outputs.contains(&outlet)).then(|| successors[0].node)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_are_exactly_those_inside_the_input() {
+        for (stride, pad, kernel, input) in (1..=3)
+            .flat_map(|s| (0..=3).flat_map(move |p| (1..=5).flat_map(move |k| (1..=9).map(move |i| (s, p, k, i)))))
+        {
+            // Past the last output any padding after the input gives, and
+            // further: those must have no taps at all.
+            let outputs = (input + 2 * pad + kernel) / stride + 2;
+            for o in 0..outputs {
+                let inside = |k: usize| (0..input as isize).contains(&((o * stride + k) as isize - pad as isize));
+                let expected: Vec<usize> = (0..kernel).filter(|&k| inside(k)).collect();
+                let (first, end) = taps(o, stride, pad, kernel, input);
+                let what = format!("o {o}, stride {stride}, pad {pad}, kernel {kernel}, input {input}");
+                assert!(first <= end, "{what}: {first}..{end}");
+                assert_eq!((first..end).collect::<Vec<_>>(), expected, "{what}");
+                // The kernels compute where the first tap reads even when
+                // there is none: that must not wrap around.
+                assert!(o * stride + first >= pad || first == end, "{what}");
+            }
+        }
+    }
+}
