@@ -1,0 +1,294 @@
+//! Untrusted bytes to a decoded image, under limits.
+//!
+//! Bytes come from anywhere (URLs that answer with an HTML error page, files
+//! cut short by a failed download), so this is where every refusal is decided
+//! and named: a caller prints the message as the image's record. Oversized
+//! images are refused from their header, before any pixel is allocated.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+/// Images with a side longer than this are refused before any pixel is decoded.
+pub const MAX_SIDE: u32 = 16_384;
+/// The most one decode may allocate.
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty body")]
+    Empty,
+    #[error("not an image ({0})")]
+    NotAnImage(String),
+    #[error("image of {width}x{height} pixels is larger than the limit of {MAX_SIDE}x{MAX_SIDE}")]
+    TooLarge { width: u32, height: u32 },
+    #[error("cannot decode {format} image: {reason}")]
+    Corrupt { format: String, reason: String },
+    /// The data stops before the image's end: the decoder would fill the rest
+    /// with grey and the model would classify half a photo as a whole one.
+    #[error("cannot decode {format} image: the file is truncated ({detail})")]
+    Truncated { format: String, detail: String },
+    #[error("cannot resize image: {0}")]
+    Resize(String),
+}
+
+/// Decodes `bytes` into an image, refusing oversized ones from their header.
+pub fn decode(bytes: &[u8]) -> Result<DynamicImage, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::NotAnImage(e.to_string()))?;
+    let Some(format) = reader.format() else {
+        return Err(DecodeError::NotAnImage(describe_content(bytes)));
+    };
+    let format_name = format!("{format:?}").to_uppercase();
+    // zune-jpeg, the image crate's JPEG decoder, pads missing scan data
+    // silently, and the crate (0.25.10) turns its strict mode off. Strict
+    // mode would not be enough either: it checks only between rows of blocks,
+    // and let a baseline photo missing its last three bytes through.
+    if format == ImageFormat::Jpeg
+        && let Some(detail) = jpeg_truncation(bytes)
+    {
+        return Err(DecodeError::Truncated { format: format_name, detail });
+    }
+    let corrupt = |reason: String| DecodeError::Corrupt { format: format_name.clone(), reason };
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let mut reader = reader;
+    reader.limits(limits);
+    // Read the dimensions first, so the error can name them.
+    let (width, height) =
+        ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| corrupt(e.to_string()))?;
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(DecodeError::TooLarge { width, height });
+    }
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => DecodeError::TooLarge { width, height },
+        e => corrupt(e.to_string()),
+    })
+}
+
+/// Where a JPEG stops short of its end-of-image marker, if it does.
+///
+/// Walks the marker segments by their lengths, so the thumbnail inside an
+/// EXIF segment (a whole JPEG with its own end marker) is skipped, and runs
+/// through each scan's entropy-coded data to the marker that ends it. Any cut
+/// loses the final marker, which is how Pillow and libjpeg see it too: they
+/// refuse a file that lacks only those two bytes. Bytes between segments that
+/// are not a marker are skipped, as libjpeg does with a warning, so that this
+/// rejects nothing but a missing end.
+fn jpeg_truncation(bytes: &[u8]) -> Option<String> {
+    let len = bytes.len();
+    // Past the start-of-image marker, which the format sniffing has seen.
+    let mut pos = 2;
+    let mut scans = 0;
+    let stop = |place: &str| Some(format!("it ends after {len} bytes, {place}, without an end-of-image marker"));
+    let inside_data =
+        |scans: usize| if scans == 0 { "before the compressed pixels" } else { "in the compressed pixels" };
+    loop {
+        let Some(ff) = bytes.get(pos..).and_then(|rest| memchr::memchr(0xFF, rest)) else {
+            return stop(inside_data(scans));
+        };
+        // Any number of 0xFF may pad before a marker's code.
+        let Some(code_at) = bytes[pos + ff..].iter().position(|&b| b != 0xFF).map(|n| pos + ff + n) else {
+            return stop(inside_data(scans));
+        };
+        pos = code_at + 1;
+        match bytes[code_at] {
+            0xD9 => return None,
+            // A stuffed zero in scan data, a restart marker, or a marker that
+            // has no length: nothing to skip.
+            0x00 | 0x01 | 0xD0..=0xD8 => {}
+            code => {
+                let Some(&[high, low]) = bytes.get(pos..pos + 2) else {
+                    return stop("in a marker's length");
+                };
+                let end = pos + usize::from(u16::from_be_bytes([high, low]));
+                if end > len {
+                    return stop(&format!("in a header segment that runs to byte {end}"));
+                }
+                // A scan's entropy-coded data follows its header unmarked; the
+                // search for the next 0xFF walks through it.
+                if code == 0xDA {
+                    scans += 1;
+                }
+                pos = end;
+            }
+        }
+    }
+}
+
+/// A short description of content that is not an image, for error messages.
+fn describe_content(bytes: &[u8]) -> String {
+    let head = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).to_ascii_lowercase();
+    let head = head.trim_start();
+    if head.starts_with("<!doctype html") || head.starts_with("<html") || head.contains("<body") {
+        "the content is an HTML page".into()
+    } else if head.starts_with('{') || head.starts_with('[') {
+        "the content looks like JSON".into()
+    } else if bytes.iter().take(512).all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()) {
+        "the content is text".into()
+    } else {
+        "unknown format".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GenericImageView, ImageFormat, Rgb, RgbImage};
+
+    fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(vec![]);
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn red(width: u32, height: u32) -> DynamicImage {
+        DynamicImage::ImageRgb8(RgbImage::from_pixel(width, height, Rgb([220, 20, 20])))
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert!(matches!(decode(b""), Err(DecodeError::Empty)));
+        let html = b"<!DOCTYPE html><html><body>Not found</body></html>";
+        assert_eq!(decode(html).unwrap_err().to_string(), "not an image (the content is an HTML page)");
+        let jpeg = encode(&red(64, 64), ImageFormat::Jpeg);
+        let err = decode(&jpeg[..jpeg.len() / 2]).unwrap_err();
+        assert!(err.to_string().starts_with("cannot decode JPEG image: the file is truncated ("), "{err}");
+    }
+
+    #[test]
+    fn refuses_huge_images_from_the_header() {
+        let mut png = encode(&red(1, 1), ImageFormat::Png);
+        // Patch the IHDR chunk to claim 50000x50000 pixels (7.5 GB as RGB).
+        png[16..20].copy_from_slice(&50_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        let err = decode(&png).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { width: 50_000, height: 50_000 }), "{err}");
+        assert_eq!(err.to_string(), "image of 50000x50000 pixels is larger than the limit of 16384x16384");
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/").to_owned() + name;
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (fixtures/make_images.py makes it)"))
+    }
+
+    /// The photos beside the project, or None with a message when a clone
+    /// alone does not have them.
+    fn shared_jpegs(dirs: &[&str]) -> Option<Vec<(String, Vec<u8>)>> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+        if !root.is_dir() {
+            eprintln!("skipped: {} is absent", root.display());
+            return None;
+        }
+        let mut jpegs = vec![];
+        for dir in dirs {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap();
+                if bytes.starts_with(&[0xFF, 0xD8]) {
+                    jpegs.push((path.display().to_string(), bytes));
+                }
+            }
+        }
+        Some(jpegs)
+    }
+
+    /// A baseline JPEG with detail in every block, so each cut loses pixels.
+    fn baseline_jpeg() -> Vec<u8> {
+        let noisy = RgbImage::from_fn(61, 37, |x, y| Rgb([(x * 4) as u8, (y * 7) as u8, ((x * 31) ^ (y * 17)) as u8]));
+        encode(&DynamicImage::ImageRgb8(noisy), ImageFormat::Jpeg)
+    }
+
+    fn assert_truncated(bytes: &[u8], what: &str) {
+        match decode(bytes) {
+            Err(err @ DecodeError::Truncated { .. }) => {
+                let message = err.to_string();
+                assert!(
+                    message.starts_with("cannot decode JPEG image: the file is truncated (it ends after "),
+                    "{message}"
+                );
+            }
+            other => panic!("{what}: {:?}", other.map(|image| image.dimensions())),
+        }
+    }
+
+    fn assert_cuts_are_truncated(name: &str, jpeg: &[u8]) {
+        decode(jpeg).unwrap_or_else(|e| panic!("{name} whole: {e}"));
+        for keep in [jpeg.len() / 3, jpeg.len() / 2, jpeg.len() - 5, jpeg.len() - 2] {
+            assert_truncated(&jpeg[..keep], &format!("{name} cut to {keep} of {} bytes", jpeg.len()));
+        }
+    }
+
+    #[test]
+    fn cut_jpegs_are_refused_as_truncated() {
+        assert_cuts_are_truncated("baseline", &baseline_jpeg());
+        assert_cuts_are_truncated("progressive.jpg", &fixture("progressive.jpg"));
+        let Some(photos) = shared_jpegs(&["birds/images"]) else { return };
+        // owl.jpg is baseline, blue_jay_3.jpg progressive.
+        for (name, photo) in
+            photos.iter().filter(|(name, _)| name.ends_with("owl.jpg") || name.ends_with("blue_jay_3.jpg"))
+        {
+            assert_cuts_are_truncated(name, photo);
+        }
+    }
+
+    #[test]
+    fn an_end_marker_inside_a_segment_does_not_count() {
+        // An EXIF segment carries a thumbnail, a whole JPEG with its own end.
+        let thumbnail = encode(&red(8, 8), ImageFormat::Jpeg);
+        let photo = baseline_jpeg();
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend_from_slice(&u16::try_from(thumbnail.len() + 2).unwrap().to_be_bytes());
+        app1.extend_from_slice(&thumbnail);
+        let with_thumbnail = [&photo[..2], &app1, &photo[2..]].concat();
+        assert_cuts_are_truncated("with a thumbnail", &with_thumbnail);
+        // Bytes after the end, as some cameras append, are no cut.
+        let trailed = [&photo[..], b"trailing data \xFF\xD8"].concat();
+        assert_eq!(decode(&trailed).unwrap().dimensions(), (61, 37));
+    }
+
+    #[test]
+    fn no_prefix_of_a_jpeg_panics_or_decodes() {
+        for (name, jpeg) in [("baseline", baseline_jpeg()), ("progressive.jpg", fixture("progressive.jpg"))] {
+            for keep in 0..jpeg.len() {
+                let prefix = &jpeg[..keep];
+                // Shorter than the three bytes the format sniffing reads.
+                if keep < 3 {
+                    assert!(decode(prefix).is_err());
+                } else {
+                    assert_truncated(prefix, &format!("{name} cut to {keep} bytes"));
+                }
+                // With an end marker stuck on, the cut reaches the decoder,
+                // which may refuse it or fill it in, but must not panic.
+                let _ = decode(&[prefix, &[0xFF, 0xD9]].concat());
+            }
+        }
+    }
+
+    #[test]
+    fn cmyk_jpegs_decode_to_rgb() {
+        let rgb = decode(&fixture("cmyk_red.jpg")).unwrap().to_rgb8();
+        assert_eq!(rgb.dimensions(), (32, 24));
+        assert!(rgb.pixels().all(|p| p[0] > 230 && p[1] < 25 && p[2] < 25), "{:?}", rgb.get_pixel(0, 0));
+    }
+
+    #[test]
+    fn every_shared_photo_is_whole() {
+        let Some(photos) = shared_jpegs(&["birds/images", "birds/corpus", "imagenet/images", "models/images"]) else {
+            return;
+        };
+        assert!(photos.len() > 200, "{} JPEGs", photos.len());
+        for (name, photo) in &photos {
+            assert_eq!(jpeg_truncation(photo), None, "{name}");
+        }
+    }
+}
