@@ -272,7 +272,15 @@ mod tests {
         start(mock(), jobs, 1, 8, metrics.clone()).unwrap();
         assert!(matches!(expired.await.unwrap(), Err(SourceError::Deadline)));
         assert!(kept.await.unwrap().is_ok());
-        let seen = metrics.snapshot();
+        // The batch is counted once all its jobs are answered.
+        let mut seen = metrics.snapshot();
+        for _ in 0..100 {
+            if seen.batches > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            seen = metrics.snapshot();
+        }
         assert_eq!((seen.images, seen.expired, seen.abandoned), (1, 1, 1), "{seen:?}");
     }
 
