@@ -347,6 +347,9 @@ async fn a_bad_model_or_labels_stop_the_run_with_exit_2() {
 
     let stderr = setup_failure(b"<html>not a model</html>".to_vec(), &labels).await;
     assert!(stderr.contains("not a TensorFlow Lite model nor a gzip'd tar holding one"), "{stderr}");
+    // The error names the model it came from.
+    assert!(stderr.contains("cannot load the model http://127.0.0.1:"), "{stderr}");
+    assert!(stderr.contains("/model.tflite: "), "{stderr}");
 
     let stderr = setup_failure(model[..model.len() * 2 / 3].to_vec(), &labels).await;
     assert!(stderr.contains("malformed TensorFlow Lite flatbuffer"), "{stderr}");
@@ -452,4 +455,64 @@ async fn sources_from_a_file_or_stdin() {
     let labels: Vec<&str> = records.iter().map(|r| top1(r).0).collect();
     // Arguments first, then the file's sources in order.
     assert_eq!(labels, ["red", "red", "blue"]);
+}
+
+#[tokio::test]
+async fn records_that_complete_out_of_order_are_printed_in_order() {
+    let server = server().await;
+    Mock::given(path("/slow.png"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(png(BLUE)).set_delay(Duration::from_millis(800)))
+        .mount(&server)
+        .await;
+    serve(&server, "/red.png", png(RED)).await;
+    serve(&server, "/green.png", png(GREEN)).await;
+    let uri = server.uri();
+    let urls =
+        [format!("{uri}/slow.png"), format!("{uri}/red.png"), format!("{uri}/missing.png"), format!("{uri}/green.png")];
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let (code, records, stderr) = classify(&server, &args).await;
+    assert_eq!(code, 1, "{stderr}");
+    // The first image is done last, 800 ms after the others: printed as
+    // they complete, it would come last.
+    let sources: Vec<&str> = records.iter().map(|r| r["source"].as_str().unwrap()).collect();
+    assert_eq!(sources, args);
+    assert_eq!(top1(&records[0]).0, "blue");
+    assert_eq!(records[2]["error"], "HTTP 404 Not Found");
+}
+
+#[tokio::test]
+async fn a_closed_stdout_ends_the_run_quietly() {
+    let server = server().await;
+    serve(&server, "/red.png", png(RED)).await;
+    // Records after the first come once the reader has gone.
+    Mock::given(path("/slow.png"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(png(BLUE)).set_delay(Duration::from_millis(500)))
+        .mount(&server)
+        .await;
+    let red = format!("{}/red.png", server.uri());
+    let mut args = mock_args(&server, &["--format", "json", &red]);
+    args.extend((0..20).map(|i| format!("{}/slow.png?{i}", server.uri())));
+    let output = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .env("CLASSIFIER_NO_CACHE", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // As `| head -1` does: one line, then the pipe is closed.
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let output = child.wait_with_output().unwrap();
+        (first, output)
+    })
+    .await
+    .unwrap();
+    let (first, output) = output;
+    assert!(first.contains("red.png"), "{first}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("ERROR") && !stderr.to_lowercase().contains("broken pipe"), "{stderr}");
 }

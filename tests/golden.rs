@@ -92,3 +92,48 @@ fn imagenet_labels_txt_fits_its_model() {
     assert_eq!(birds.len(), 965);
     assert_eq!(birds.get(964), Some("background"));
 }
+
+/// The binary's JSON Lines over every corpus photo, read from local files.
+fn corpus_records(dir: &Path, extra: &[&str]) -> String {
+    let birds = dir.join("birds");
+    let mut photos: Vec<PathBuf> =
+        std::fs::read_dir(birds.join("corpus")).unwrap().map(|entry| entry.unwrap().path()).collect();
+    photos.sort();
+    assert_eq!(photos.len(), 200);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
+        .args(["-q", "--no-cache", "--format", "json", "--top-k", "5", "--model"])
+        .arg(birds.join("model.tflite"))
+        .arg("--labels")
+        .arg(birds.join("labels.csv"))
+        .args(extra)
+        .args(&photos)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let records = String::from_utf8(out.stdout).unwrap();
+    let sources: Vec<String> = records
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["source"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = photos.iter().map(|p| p.display().to_string()).collect();
+    assert_eq!(sources, expected, "{extra:?}: records out of order");
+    records
+}
+
+#[test]
+fn records_are_the_same_whatever_the_threads_batches_and_concurrency() {
+    let Some(dir) = shared() else { return };
+    // Each worker keeps its own session between images, batches are cut
+    // where the queue happens to be, and the model is cut into stages by
+    // thread count: none of it may show in the records.
+    let one = corpus_records(&dir, &["--threads", "1", "--batch-size", "1", "--concurrency", "1"]);
+    for extra in [
+        ["--threads", "2", "--batch-size", "4", "--concurrency", "16"],
+        ["--threads", "3", "--batch-size", "7", "--concurrency", "5"],
+    ] {
+        let other = corpus_records(&dir, &extra);
+        let differ = one.lines().zip(other.lines()).find(|(a, b)| a != b);
+        assert!(differ.is_none(), "{extra:?} changed a record: {differ:?}");
+    }
+}

@@ -71,9 +71,14 @@ impl Metrics {
         add(&self.decode_nanos, took);
     }
 
-    pub(super) fn batch(&self, images: usize, queue_wait: Duration, took: Duration) {
+    pub(super) fn batch(&self) {
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.images.fetch_add(images as u64, Ordering::Relaxed);
+    }
+
+    /// One image classified: counted before its caller hears of it, so that
+    /// what a caller reads afterwards includes it.
+    pub(super) fn classified(&self, queue_wait: Duration, took: Duration) {
+        self.images.fetch_add(1, Ordering::Relaxed);
         add(&self.queue_wait_nanos, queue_wait);
         add(&self.inference_nanos, took);
     }

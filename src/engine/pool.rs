@@ -10,7 +10,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -170,8 +170,7 @@ fn take(shared: &Shared) -> Option<Vec<Job>> {
 
 fn run(shared: &Shared, model: &Model, session: &mut Option<crate::model::Session>, batch: Vec<Job>) {
     let _span = tracing::debug_span!("batch", size = batch.len()).entered();
-    let started = Instant::now();
-    let (mut ran, mut waited) = (0, Duration::ZERO);
+    shared.metrics.batch();
     for Job { pixels, deadline, queued, reply, room } in batch {
         drop(room);
         if reply.is_closed() {
@@ -183,11 +182,11 @@ fn run(shared: &Shared, model: &Model, session: &mut Option<crate::model::Sessio
             let _ = reply.send(Err(SourceError::Deadline));
             continue;
         }
-        waited += started.saturating_duration_since(queued);
-        ran += 1;
-        let _ = reply.send(classify(model, session, &pixels));
+        let started = Instant::now();
+        let scores = classify(model, session, &pixels);
+        shared.metrics.classified(started.saturating_duration_since(queued), started.elapsed());
+        let _ = reply.send(scores);
     }
-    shared.metrics.batch(ran, waited, started.elapsed());
 }
 
 /// Scores one image on this worker's session, made on first use and made
@@ -222,6 +221,8 @@ fn classify(model: &Model, session: &mut Option<crate::model::Session>, pixels: 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn mock() -> Arc<Model> {
@@ -272,15 +273,7 @@ mod tests {
         start(mock(), jobs, 1, 8, metrics.clone()).unwrap();
         assert!(matches!(expired.await.unwrap(), Err(SourceError::Deadline)));
         assert!(kept.await.unwrap().is_ok());
-        // The batch is counted once all its jobs are answered.
-        let mut seen = metrics.snapshot();
-        for _ in 0..100 {
-            if seen.batches > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            seen = metrics.snapshot();
-        }
+        let seen = metrics.snapshot();
         assert_eq!((seen.images, seen.expired, seen.abandoned), (1, 1, 1), "{seen:?}");
     }
 

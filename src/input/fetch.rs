@@ -28,9 +28,16 @@ pub struct FetchSettings {
 /// Fetches sources: one HTTP client shared by every download (rustls, gzip,
 /// redirects, a user agent naming this tool), with the settings' limits.
 /// Cheap to clone.
+///
+/// The source policy applies to the images; the model and the labels are
+/// named by whoever runs the tool (the operator of a server), and are
+/// fetched by a client of their own that the policy does not restrict.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
+    /// For images: restricted by the policy.
     pub(super) client: Client,
+    /// For the model and the labels.
+    pub(super) trusted: Client,
     pub(super) timeout: Duration,
     pub(super) policy: SourcePolicy,
     pub(super) cache: Option<Cache>,
@@ -48,16 +55,24 @@ impl Fetcher {
         // Several providers may be compiled in; this process uses ring. An error
         // only means one is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = Client::builder()
-            .user_agent(concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
-            .redirect(settings.policy.redirects());
-        if let Some(resolver) = settings.policy.resolver() {
+        let builder = || {
+            Client::builder()
+                .user_agent(concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+        };
+        let failed = |e: reqwest::Error| FetchError::Http(format!("cannot set up the HTTP client: {e}"));
+        let trusted = builder().redirect(SourcePolicy::ALLOW_ALL.redirects()).build().map_err(failed)?;
+        let client = match settings.policy.resolver() {
             // A proxy would resolve the names itself, past the policy.
-            builder = builder.dns_resolver(resolver).no_proxy();
-        }
-        let client = builder.build().map_err(|e| FetchError::Http(format!("cannot set up the HTTP client: {e}")))?;
-        Ok(Fetcher { client, timeout: settings.timeout, policy: settings.policy, cache: settings.cache })
+            Some(resolver) => builder()
+                .redirect(settings.policy.redirects())
+                .dns_resolver(resolver)
+                .no_proxy()
+                .build()
+                .map_err(failed)?,
+            None => trusted.clone(),
+        };
+        Ok(Fetcher { client, trusted, timeout: settings.timeout, policy: settings.policy, cache: settings.cache })
     }
 
     /// The time limit of one download.
@@ -137,7 +152,7 @@ impl Fetcher {
     }
 
     /// Fetches the first of `sources` that answers, as [`Fetcher::fetch_kept`]
-    /// does, logging each fallback. Returns the source that answered, or
+    /// does (not restricted by the policy), logging each fallback. Returns the source that answered, or
     /// every source's error.
     pub async fn fetch_first(
         &self,

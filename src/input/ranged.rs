@@ -38,7 +38,7 @@ pub(super) async fn fetch_parallel(
 ) -> Result<Download, FetchError> {
     // One time limit for the whole file, however many requests it takes.
     let until = fetcher.until(Deadline::NEVER);
-    let client = &fetcher.client;
+    let client = &fetcher.trusted;
     let url = match source {
         Source::Url(url) if connections > 1 => url,
         Source::Url(url) => return fetcher.get(client.get(url.clone()), until, limit).await,
@@ -164,8 +164,11 @@ async fn fetch_range(
     if_range: Option<HeaderValue>,
     until: Instant,
 ) -> Result<Option<Part>, FetchError> {
-    let mut request =
-        fetcher.client.get(url).header(RANGE, format!("bytes={start}-{}", end - 1)).header(ACCEPT_ENCODING, "identity");
+    let mut request = fetcher
+        .trusted
+        .get(url)
+        .header(RANGE, format!("bytes={start}-{}", end - 1))
+        .header(ACCEPT_ENCODING, "identity");
     if let Some(validator) = if_range {
         request = request.header(IF_RANGE, validator);
     }
