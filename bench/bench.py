@@ -200,6 +200,9 @@ def main():
     p.add_argument("--delay-ms", type=float, default=50)
     p.add_argument("--rate-mbps", type=float, default=20)
     p.add_argument("--binary", default=str(ROOT / "target" / "release" / "classifier"))
+    p.add_argument("--baseline", metavar="BINARY",
+                   help="also run this build of the classifier (an earlier commit's, say), cold, as "
+                        "classifier_baseline, alternating with the others in every run")
     p.add_argument("--peers", default="litert,sequential",
                    help="comma-separated peers to run beside the classifier: litert, sequential, or none "
                         "(sequential runs only in task5: it downloads the model once per image)")
@@ -229,7 +232,9 @@ def main():
     peers = [name for name in args.peers.split(",") if name not in ("", "none")]
     if args.scenario != "task5" and "sequential" in peers:
         peers.remove("sequential")
-    contenders = {"classifier": None, **({"classifier_cached": cached_tool} if args.cached else {}), **{f"peer_{name}": [sys.executable, str(ROOT / "bench" / f"peer_{name}.py"),
+    baseline = [args.baseline, *tool[1:]] if args.baseline else None
+    contenders = {"classifier": None, **({"classifier_baseline": baseline} if baseline else {}),
+                  **({"classifier_cached": cached_tool} if args.cached else {}), **{f"peer_{name}": [sys.executable, str(ROOT / "bench" / f"peer_{name}.py"),
                                                           "--model", model, "--labels", labels, *images]
                                          for name in peers}}
     batch = one_batch(args.binary)
@@ -253,6 +258,11 @@ def main():
                     sys.exit(f"run {i}: classifier exited {code}:\n{err}")
                 check_output(name, out, len(images))
                 last_err = err
+            elif name == "classifier_baseline":
+                wall, peak, out, err, code = run_measured(cmd, sources)
+                if code != 0:
+                    sys.exit(f"run {i}: classifier_baseline exited {code}:\n{err}")
+                check_output(name, out, len(images))
             elif name == "classifier_cached":
                 wall, peak, out, err, code = run_measured(cmd, sources)
                 if code != 0 or err.count("unchanged since it was cached") != 2:

@@ -2,10 +2,11 @@
 //! concurrently, and prints the top predictions for each image.
 //!
 //! The modules are the stages, in the order data flows through them:
-//! [`source`] → [`fetch`] → [`preprocess`] → [`model`] (run in batches by
-//! [`pipeline`]) → [`rank`] → [`render`]. [`labels`] reads the label map,
-//! [`cache`] keeps the model and labels between runs, and [`cli`] reads the
-//! command line.
+//! [`input`] (sources, the source policy, fetching, the download cache) →
+//! [`image`] (decode, resize) → [`engine`] (the bounded queue and the
+//! inference pool) → [`model`] → [`rank`] → [`render`]; [`labels`] reads
+//! the label map. [`engine::Engine`] ties them together for every front
+//! end; [`cli`] is the command line's.
 
 pub mod cli;
 pub mod deadline;

@@ -119,8 +119,43 @@ async fn a_full_queue_refuses_a_caller_that_will_not_wait() {
     let err = engine.classify(upload([10, 250, 10]), refuse).await.unwrap_err();
     assert!(matches!(err, SourceError::Overloaded), "{err}");
     assert_eq!(err.kind(), ErrorKind::Overloaded);
+    // Nor is an image fetched for a queue that is full.
+    let url = Source::parse(&format!("{}/green.png", server.uri())).unwrap();
+    let err = engine.classify(Input::Source(url), refuse).await.unwrap_err();
+    assert!(matches!(err, SourceError::Overloaded), "{err}");
+    let requests = server.received_requests().await.unwrap();
+    assert!(requests.iter().all(|r| r.url.path() != "/green.png"), "fetched for a full queue");
     // The one that found room is classified once the model is there.
     assert_eq!(first.await.unwrap().unwrap()[0].label, "red");
+}
+
+#[tokio::test]
+async fn callers_waiting_for_room_fail_when_the_model_cannot_load() {
+    let server = MockServer::start().await;
+    Mock::given(path("/model.tflite"))
+        .respond_with(ResponseTemplate::new(404).set_delay(Duration::from_millis(600)))
+        .mount(&server)
+        .await;
+    Mock::given(path("/labels.csv"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv")))
+        .mount(&server)
+        .await;
+    let settings = EngineSettings { model_input: Some((8, 8)), queue: 1, threads: 1, ..settings(&server) };
+    let engine = Engine::start(settings, fetcher(SourcePolicy::ALLOW_ALL));
+    // One image fills the queue; the next waits for room, then the model fails.
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.classify(upload([250, 10, 10]), WAIT).await })
+        })
+        .collect();
+    for caller in callers {
+        let err = tokio::time::timeout(Duration::from_secs(5), caller).await.expect("a caller hung").unwrap();
+        assert!(matches!(err, Err(SourceError::Unavailable)), "{err:?}");
+    }
+    // And a caller that comes later fails at once.
+    let err = engine.classify(upload([250, 10, 10]), WAIT).await.unwrap_err();
+    assert!(matches!(err, SourceError::Unavailable), "{err}");
 }
 
 #[tokio::test]

@@ -62,14 +62,10 @@ pub async fn run(settings: &Settings, out: &mut (dyn Write + Send)) -> anyhow::R
     }
     drop(producer);
     progress.finish_and_clear();
-    match printed {
-        Ok(()) => {}
-        // As ripgrep does: `classifier ... | head -1` is not an error.
-        Err(e) if e.kind() == ErrorKind::BrokenPipe => {
-            tracing::debug!("stdout was closed; stopping");
-            return Ok(Summary { classified: 0, failed: 0, stdout_closed: true });
-        }
-        Err(e) => return Err(anyhow::Error::new(e).context("cannot write the results")),
+    // As ripgrep does: `classifier ... | head -1` is not an error.
+    if printed.closed()? {
+        tracing::debug!("stdout was closed; stopping");
+        return Ok(Summary { classified: 0, failed: 0, stdout_closed: true });
     }
     // Every source has an outcome by now; should one not, it must not pass
     // for a success.
@@ -78,9 +74,9 @@ pub async fn run(settings: &Settings, out: &mut (dyn Write + Send)) -> anyhow::R
             *outcome = Some(Err(SourceError::Internal("internal error: no result".into())));
         }
     }
-    printer.flush(inputs, &mut outcomes).context_broken_pipe()?;
+    let stdout_closed = printer.flush(inputs, &mut outcomes).closed()?;
     let failed = printer.failed;
-    let summary = Summary { classified: list.occurrences.len() - failed, failed, stdout_closed: false };
+    let summary = Summary { classified: list.occurrences.len() - failed, failed, stdout_closed };
     report(&summary, &engine, started.elapsed());
     Ok(summary)
 }
@@ -95,17 +91,17 @@ impl Drop for AbortOnDrop {
 }
 
 trait BrokenPipe {
-    fn context_broken_pipe(self) -> anyhow::Result<()>;
+    fn closed(self) -> anyhow::Result<bool>;
 }
 
 impl BrokenPipe for std::io::Result<()> {
-    /// A pipe closed at the very end is no more an error than earlier.
-    fn context_broken_pipe(self) -> anyhow::Result<()> {
+    /// Whether the reader closed the pipe, which is no error at the end of
+    /// a run any more than earlier.
+    fn closed(self) -> anyhow::Result<bool> {
         match self {
-            Err(e) if e.kind() != ErrorKind::BrokenPipe => {
-                Err(anyhow::Error::new(e).context("cannot write the results"))
-            }
-            _ => Ok(()),
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(true),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot write the results")),
         }
     }
 }
@@ -145,9 +141,10 @@ impl SourceList {
     }
 }
 
-/// Hands every source to the engine, at most `concurrency` at once, each
-/// its own task: a download keeps streaming (and its time limit stays
-/// honest) while others wait for room in the queue.
+/// Hands every source to the engine, at most `concurrency` at once until
+/// they are queued for inference, each its own task: a download keeps
+/// streaming (and its time limit stays honest) while others wait for room
+/// in the queue. The records, small, wait in `done` for the printer.
 async fn produce(
     engine: Engine,
     sources: Vec<(usize, Source)>,
@@ -162,12 +159,18 @@ async fn produce(
         let (engine, done) = (engine.clone(), done.clone());
         tasks.spawn(async move {
             let name = source.to_string();
-            let outcome = engine.classify(Input::Source(source), request).await;
+            // The slot bounds the images being downloaded and decoded: it is
+            // free again once the image waits for inference.
+            let queued = engine.submit(Input::Source(source), request).await;
+            drop(permit);
+            let outcome = match queued {
+                Ok(queued) => queued.predictions().await,
+                Err(e) => Err(e),
+            };
             if let Err(e) = &outcome {
                 warn!(source = %name, "{e}");
             }
             let _ = done.send((slot, outcome)).await;
-            drop(permit);
         });
         // Reap finished tasks as we go so the set stays small.
         while tasks.try_join_next().is_some() {}

@@ -174,16 +174,34 @@ impl Engine {
     /// Fetches, decodes, resizes and classifies one image: its top
     /// `request.top_k` predictions, best first.
     pub async fn classify(&self, input: Input, request: Request) -> Result<Vec<Prediction>, SourceError> {
-        let result = self.run(input, request).await;
-        if let Err(e) = &result {
-            self.inner.metrics.failed(e.kind());
-        }
-        result
+        self.submit(input, request).await?.predictions().await
     }
 
-    async fn run(&self, input: Input, request: Request) -> Result<Vec<Prediction>, SourceError> {
+    /// Fetches, decodes and resizes one image and puts it in the inference
+    /// queue: the first half of [`Engine::classify`], for a caller that
+    /// holds a slot of its own until then (the command line's
+    /// `--concurrency`, which bounds the images being downloaded).
+    pub async fn submit(&self, input: Input, request: Request) -> Result<Queued, SourceError> {
+        let queued = self.queue(input, request).await;
+        if let Err(e) = &queued {
+            self.inner.metrics.failed(e.kind());
+        }
+        queued
+    }
+
+    async fn queue(&self, input: Input, request: Request) -> Result<Queued, SourceError> {
         let inner = &*self.inner;
         let deadline = request.deadline;
+        // What would fail anyway fails before any download or decode.
+        if deadline.expired() {
+            return Err(SourceError::Deadline);
+        }
+        if matches!(&*inner.state.borrow(), State::Failed(_)) {
+            return Err(SourceError::Unavailable);
+        }
+        if request.when_full == WhenFull::Refuse && inner.queue.is_full() {
+            return Err(SourceError::Overloaded);
+        }
         let (name, bytes) = match input {
             Input::Source(source) => {
                 let started = Instant::now();
@@ -205,17 +223,45 @@ impl Engine {
         };
         let pixels = prepare::prepare(bytes, &inner.limits, &inner.state, deadline, &inner.metrics, &name).await?;
         let answer = inner.queue.submit(pixels, deadline, request.when_full).await?;
-        let scores = prepare::within(deadline, answer).await?.map_err(|_| SourceError::Unavailable)??;
-        let loaded = self.loaded().ok_or(SourceError::Unavailable)?;
-        Ok(rank::top_k(&scores, request.top_k)
-            .into_iter()
-            .map(|index| Prediction {
-                index,
-                label: loaded.labels.get(index).unwrap_or_default().to_string(),
-                score: scores[index],
-            })
-            .collect())
+        Ok(Queued { engine: self.clone(), answer, request })
     }
+}
+
+/// An image waiting in the inference queue.
+pub struct Queued {
+    engine: Engine,
+    answer: tokio::sync::oneshot::Receiver<Result<Vec<f32>, SourceError>>,
+    request: Request,
+}
+
+impl Queued {
+    /// Its top predictions, best first, once a worker has run it. Dropping
+    /// this instead leaves the job to be dropped unrun.
+    pub async fn predictions(self) -> Result<Vec<Prediction>, SourceError> {
+        let Queued { engine, answer, request } = self;
+        let predictions = rank_answer(&engine, answer, request).await;
+        if let Err(e) = &predictions {
+            engine.inner.metrics.failed(e.kind());
+        }
+        predictions
+    }
+}
+
+async fn rank_answer(
+    engine: &Engine,
+    answer: tokio::sync::oneshot::Receiver<Result<Vec<f32>, SourceError>>,
+    request: Request,
+) -> Result<Vec<Prediction>, SourceError> {
+    let scores = prepare::within(request.deadline, answer).await?.map_err(|_| SourceError::Unavailable)??;
+    let loaded = engine.loaded().ok_or(SourceError::Unavailable)?;
+    Ok(rank::top_k(&scores, request.top_k)
+        .into_iter()
+        .map(|index| Prediction {
+            index,
+            label: loaded.labels.get(index).unwrap_or_default().to_string(),
+            score: scores[index],
+        })
+        .collect())
 }
 
 /// Fetches and prepares the model, and fetches and reads the labels, at once.

@@ -39,7 +39,7 @@ struct Job {
     queued: Instant,
     reply: oneshot::Sender<Reply>,
     /// The job's place in the queue, given back when a worker takes it.
-    room: OwnedSemaphorePermit,
+    _room: OwnedSemaphorePermit,
 }
 
 /// The way into the pool. It exists before the model does, so that images
@@ -85,9 +85,14 @@ impl Queue {
             }
         };
         let (reply, answer) = oneshot::channel();
-        let job = Job { pixels, deadline, queued: Instant::now(), reply, room };
+        let job = Job { pixels, deadline, queued: Instant::now(), reply, _room: room };
         self.jobs.send(job).map_err(|_| SourceError::Unavailable)?;
         Ok(answer)
+    }
+
+    /// Whether a caller that will not wait would be refused now.
+    pub fn is_full(&self) -> bool {
+        self.room.available_permits() == 0
     }
 
     /// What closes the queue when its jobs can never run (the model did not
@@ -150,7 +155,7 @@ fn work(shared: &Shared, model: &Model) {
 /// workers (a lone image starts at once, a crowd is split rather than
 /// queued behind one worker), at most a batch. None once the queue is
 /// closed and empty.
-fn take(shared: &Shared) -> Option<Vec<Job>> {
+fn take(shared: &Shared) -> Option<Vec<Taken>> {
     shared.idle.fetch_add(1, Ordering::SeqCst);
     let mut jobs = shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
     let first = jobs.blocking_recv();
@@ -165,14 +170,27 @@ fn take(shared: &Shared) -> Option<Vec<Job>> {
     {
         batch.push(job);
     }
-    Some(batch)
+    // Out of the queue: their room is free for the next callers.
+    Some(
+        batch
+            .into_iter()
+            .map(|Job { pixels, deadline, queued, reply, _room }| Taken { pixels, deadline, queued, reply })
+            .collect(),
+    )
 }
 
-fn run(shared: &Shared, model: &Model, session: &mut Option<crate::model::Session>, batch: Vec<Job>) {
+/// A job a worker has taken off the queue.
+struct Taken {
+    pixels: Vec<u8>,
+    deadline: Deadline,
+    queued: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+fn run(shared: &Shared, model: &Model, session: &mut Option<crate::model::Session>, batch: Vec<Taken>) {
     let _span = tracing::debug_span!("batch", size = batch.len()).entered();
-    shared.metrics.batch();
-    for Job { pixels, deadline, queued, reply, room } in batch {
-        drop(room);
+    let mut ran = false;
+    for Taken { pixels, deadline, queued, reply } in batch {
         if reply.is_closed() {
             shared.metrics.dropped(false);
             continue;
@@ -182,16 +200,30 @@ fn run(shared: &Shared, model: &Model, session: &mut Option<crate::model::Sessio
             let _ = reply.send(Err(SourceError::Deadline));
             continue;
         }
+        if !ran {
+            shared.metrics.batch();
+            ran = true;
+        }
         let started = Instant::now();
         let scores = classify(model, session, &pixels);
-        shared.metrics.classified(started.saturating_duration_since(queued), started.elapsed());
+        if scores.is_ok() {
+            shared.metrics.classified(started.saturating_duration_since(queued), started.elapsed());
+        }
         let _ = reply.send(scores);
     }
 }
 
 /// Scores one image on this worker's session, made on first use and made
-/// anew after a panic, which may have left it half-run.
+/// anew after a failed run or a panic, either of which may have left its
+/// states half-run.
 fn classify(model: &Model, session: &mut Option<crate::model::Session>, pixels: &[u8]) -> Reply {
+    let wanted = model.input().image_bytes();
+    if pixels.len() != wanted {
+        return Err(SourceError::Inference(format!(
+            "inference failed: image of {} bytes, the model wants {wanted}",
+            pixels.len()
+        )));
+    }
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let session = match session {
             Some(session) => session,
@@ -202,6 +234,7 @@ fn classify(model: &Model, session: &mut Option<crate::model::Session>, pixels: 
     match outcome {
         Ok(Ok(scores)) => Ok(scores),
         Ok(Err(e)) => {
+            *session = None;
             let error = format!("inference failed: {e:#}");
             tracing::warn!("{error}");
             Err(SourceError::Inference(error))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::debug_span;
 
 use super::State;
@@ -20,7 +20,7 @@ use crate::deadline::Deadline;
 pub(super) struct Limits {
     /// Decodes at once: they are CPU-bound, and their full-size images are
     /// the largest buffers of a run.
-    decoders: Semaphore,
+    decoders: Arc<Semaphore>,
     /// Images decoded before the model's input size is known, waiting for it
     /// at full size. Past this many, images wait for the size undecoded.
     early: Arc<Semaphore>,
@@ -28,7 +28,7 @@ pub(super) struct Limits {
 
 impl Limits {
     pub fn new(threads: usize) -> Limits {
-        Limits { decoders: Semaphore::new(threads), early: Arc::new(Semaphore::new(2 * threads)) }
+        Limits { decoders: Arc::new(Semaphore::new(threads)), early: Arc::new(Semaphore::new(2 * threads)) }
     }
 }
 
@@ -50,10 +50,13 @@ pub(super) async fn prepare(
     let (pixels, spent) = match early {
         // The model is not there yet: decode now, resize when it is.
         Some(_early) => {
-            let decoder = within(deadline, limits.decoders.acquire()).await?.map_err(|_| SourceError::Unavailable)?;
+            let decoder = decoder(limits, deadline).await?;
             let decode_span = span.clone();
-            let (image, decoding) = blocking(move || decode_span.in_scope(|| crate::image::decode(&bytes))).await?;
-            drop(decoder);
+            let decode = move || {
+                let _decoder = decoder;
+                decode_span.in_scope(|| crate::image::decode(&bytes))
+            };
+            let (image, decoding) = blocking(decode).await?;
             let image = image?;
             let (width, height) = input_size(state, deadline).await?;
             let (pixels, resizing) =
@@ -62,12 +65,22 @@ pub(super) async fn prepare(
         }
         None => {
             let (width, height) = input_size(state, deadline).await?;
-            let _decoder = within(deadline, limits.decoders.acquire()).await?.map_err(|_| SourceError::Unavailable)?;
-            blocking(move || span.in_scope(|| crate::image::prepare(&bytes, width, height))).await?
+            let decoder = decoder(limits, deadline).await?;
+            blocking(move || {
+                let _decoder = decoder;
+                span.in_scope(|| crate::image::prepare(&bytes, width, height))
+            })
+            .await?
         }
     };
     metrics.decoded(spent);
     Ok(pixels?)
+}
+
+/// A decoder's slot, moved into the decode itself: a caller that goes away
+/// leaves the decode running on the blocking pool, which must still count.
+async fn decoder(limits: &Limits, deadline: Deadline) -> Result<OwnedSemaphorePermit, SourceError> {
+    within(deadline, limits.decoders.clone().acquire_owned()).await?.map_err(|_| SourceError::Unavailable)
 }
 
 fn size_of(state: &State) -> Option<(u32, u32)> {

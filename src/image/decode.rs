@@ -139,18 +139,9 @@ fn describe_content(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{encode, red};
     use super::*;
     use image::{GenericImageView, ImageFormat, Rgb, RgbImage};
-
-    fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
-        let mut out = Cursor::new(vec![]);
-        image.write_to(&mut out, format).unwrap();
-        out.into_inner()
-    }
-
-    fn red(width: u32, height: u32) -> DynamicImage {
-        DynamicImage::ImageRgb8(RgbImage::from_pixel(width, height, Rgb([220, 20, 20])))
-    }
 
     #[test]
     fn names_what_is_wrong() {

@@ -17,3 +17,20 @@ pub use resize::resize;
 pub fn prepare(bytes: &[u8], width: u32, height: u32) -> Result<Vec<u8>, DecodeError> {
     resize(decode(bytes)?, width, height)
 }
+
+#[cfg(test)]
+mod testing {
+    use std::io::Cursor;
+
+    use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
+
+    pub fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(vec![]);
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    pub fn red(width: u32, height: u32) -> DynamicImage {
+        DynamicImage::ImageRgb8(RgbImage::from_pixel(width, height, Rgb([220, 20, 20])))
+    }
+}

@@ -33,20 +33,10 @@ pub fn resize(image: DynamicImage, width: u32, height: u32) -> Result<Vec<u8>, D
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{encode, red};
     use super::*;
     use crate::image::prepare;
-    use image::{ImageFormat, Rgb, RgbImage};
-    use std::io::Cursor;
-
-    fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
-        let mut out = Cursor::new(vec![]);
-        image.write_to(&mut out, format).unwrap();
-        out.into_inner()
-    }
-
-    fn red(width: u32, height: u32) -> DynamicImage {
-        DynamicImage::ImageRgb8(RgbImage::from_pixel(width, height, Rgb([220, 20, 20])))
-    }
+    use image::{ImageFormat, RgbImage};
 
     #[test]
     fn resizes_to_the_requested_size_keeping_colour() {

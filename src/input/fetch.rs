@@ -85,7 +85,13 @@ impl Fetcher {
     pub async fn fetch(&self, source: &Source, limit: u64, deadline: Deadline) -> Result<Bytes, FetchError> {
         self.policy.check(source).map_err(|denied| FetchError::Denied(denied.0))?;
         match source {
-            Source::Path(path) => read_file(path, limit).await,
+            Source::Path(path) => {
+                let until = self.until(deadline);
+                match tokio::time::timeout_at(until.into(), read_file(path, limit)).await {
+                    Ok(read) => read,
+                    Err(_) => Err(FetchError::Timeout(self.timeout)),
+                }
+            }
             Source::Url(url) => Ok(self.get(self.client.get(url.clone()), self.until(deadline), limit).await?.bytes),
         }
     }
@@ -93,7 +99,9 @@ impl Fetcher {
     /// When a download started now must end: the time limit, or `deadline`
     /// if that is sooner.
     pub(super) fn until(&self, deadline: Deadline) -> Instant {
-        let limit = Instant::now() + self.timeout;
+        let now = Instant::now();
+        // A time limit too long to represent is none; a year will do.
+        let limit = now.checked_add(self.timeout).unwrap_or(now + Duration::from_secs(365 * 86_400));
         deadline.instant().map_or(limit, |at| at.min(limit))
     }
 
@@ -176,12 +184,22 @@ impl Fetcher {
     }
 }
 
+/// Reads a local file, refused past `limit` bytes: by its size when it says
+/// it, and by what it gives otherwise (a FIFO, a device or a /proc file
+/// says 0 or anything).
 pub(super) async fn read_file(path: &std::path::Path, limit: u64) -> Result<Bytes, FetchError> {
-    let size = tokio::fs::metadata(path).await.map_err(FetchError::File)?.len();
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await.map_err(FetchError::File)?;
+    let size = file.metadata().await.map_err(FetchError::File)?.len();
     if size > limit {
         return Err(FetchError::TooLarge { limit });
     }
-    tokio::fs::read(path).await.map(Bytes::from).map_err(FetchError::File)
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).await.map_err(FetchError::File)?;
+    if bytes.len() as u64 > limit {
+        return Err(FetchError::TooLarge { limit });
+    }
+    Ok(bytes.into())
 }
 
 /// The ETag and the modification date a server gave a file.
@@ -229,6 +247,15 @@ mod tests {
         assert_eq!(fetcher.fetch(&big, 5000, never).await.unwrap().len(), 5000);
         let file = Source::Path(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mock_labels.csv").into());
         assert!(matches!(fetcher.fetch(&file, 3, never).await, Err(FetchError::TooLarge { limit: 3 })));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_file_that_does_not_say_its_size_is_still_held_to_the_limit() {
+        // /dev/zero says it is empty, and never ends.
+        let zero = Source::Path("/dev/zero".into());
+        let err = fetcher(None).fetch(&zero, 1000, Deadline::NEVER).await.unwrap_err();
+        assert!(matches!(err, FetchError::TooLarge { limit: 1000 }), "{err}");
     }
 
     #[tokio::test]

@@ -681,7 +681,7 @@ fn residual_after(model: &TypedModel, from: OutletId) -> TractResult<Option<(Out
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{RELU6, assert_close, clamp, conv, conv_op, run, values};
+    use super::super::testing::{RELU6, assert_close, clamp, conv, conv_op, each_geometry, run, values};
     use super::*;
     use tract_tflite::internal::tract_core::ops::math;
 
@@ -774,27 +774,13 @@ mod tests {
         }
     }
 
-    /// The geometries the op meets: sizes odd and even, some smaller than
-    /// the kernel or than a block of pixels, both strides, each padding.
+    /// The geometries the op meets (see `each_geometry`).
     fn geometries(channels: &[(usize, usize)]) -> Vec<Geometry> {
-        let paddings = [PaddingSpec::SameUpper, PaddingSpec::Valid, PaddingSpec::Explicit(tvec!(2, 0), tvec!(0, 1))];
-        let mut all = vec![];
-        for h in 1..=9 {
-            for w in 1..=9 {
-                for &c in channels {
-                    for (k, s) in [(1, 1), (1, 2), (3, 1), (3, 2), (5, 1), (5, 2)] {
-                        for padding in &paddings {
-                            let g = Geometry::new(padding, (h, w), c, (k, k), (s, s));
-                            // As `dense_at`, which leaves empty outputs to tract.
-                            if g.output.0 > 0 && g.output.1 > 0 {
-                                all.push(g);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        all
+        each_geometry(channels, |padding, size, c, kernel, stride| {
+            let g = Geometry::new(padding, size, c, kernel, stride);
+            // As `dense_at`, which leaves empty outputs to tract.
+            (g.output.0 > 0 && g.output.1 > 0).then_some(g)
+        })
     }
 
     #[test]

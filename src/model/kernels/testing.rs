@@ -73,3 +73,27 @@ pub fn assert_close(expected: &[f32], got: &[f32], what: &str) {
         assert!((e - g).abs() <= 1e-4 * (1.0 + e.abs()), "{what}, at {i}: tract {e}, ours {g}");
     }
 }
+
+/// What the ops' geometries are built from, over the cases they meet: sizes
+/// odd and even, some smaller than the kernel or than a block of pixels,
+/// both strides, each padding. `make` builds one, or refuses it (as the
+/// ops leave empty outputs to tract).
+pub fn each_geometry<C: Copy, G>(
+    channels: &[C],
+    make: impl Fn(&PaddingSpec, (usize, usize), C, (usize, usize), (usize, usize)) -> Option<G>,
+) -> Vec<G> {
+    let paddings = [PaddingSpec::SameUpper, PaddingSpec::Valid, PaddingSpec::Explicit(tvec!(2, 0), tvec!(0, 1))];
+    let mut all = vec![];
+    for h in 1..=9 {
+        for w in 1..=9 {
+            for &c in channels {
+                for (k, s) in [(1, 1), (1, 2), (3, 1), (3, 2), (5, 1), (5, 2)] {
+                    for padding in &paddings {
+                        all.extend(make(padding, (h, w), c, (k, k), (s, s)));
+                    }
+                }
+            }
+        }
+    }
+    all
+}
