@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let input = model.input();
     let images: Vec<Vec<u8>> = args[1..]
         .iter()
-        .map(|p| Ok(classifier::image::prepare(&std::fs::read(p)?, input.width, input.height)?))
+        .map(|p| Ok(classifier::image::prepare(&std::fs::read(p)?, true, input.width, input.height)?))
         .collect::<anyhow::Result<_>>()?;
     let rounds = 5;
     let per_image = |model: &Model| -> anyhow::Result<Vec<Duration>> {

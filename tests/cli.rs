@@ -516,3 +516,56 @@ async fn a_closed_stdout_ends_the_run_quietly() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("ERROR") && !stderr.to_lowercase().contains("broken pipe"), "{stderr}");
 }
+
+#[tokio::test]
+async fn folders_and_patterns_expand_to_their_images_in_path_order() {
+    let server = server().await;
+    let dir = std::env::temp_dir().join(format!("classifier-cli-tree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    };
+    write("b.png", &png(BLUE));
+    write("a.PNG", &png(RED));
+    write("notes.txt", b"not an image");
+    write(".hidden.png", &png(GREEN));
+    write(".thumbs/t.png", &png(GREEN));
+    write("sub/c.JPG", &encode(&solid(GREEN), ImageFormat::Jpeg));
+    write("sub/deeper/d.bmp", &encode(&solid(RED), ImageFormat::Bmp));
+    write("empty/readme.md", b"# nothing");
+    let root = dir.to_str().unwrap().to_string();
+    let at = |name: &str| format!("{root}/{name}");
+    let (pattern, nothing, empty) = (at("**/*.png"), at("*/*.gif"), at("empty"));
+    let (code, records, stderr) = classify(&server, &[&root, &pattern, &nothing, &empty, "--max-depth", "2"]).await;
+    let got: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            let outcome = match r["error"].as_str() {
+                Some(error) => error.to_string(),
+                None => top1(r).0.to_string(),
+            };
+            (r["source"].as_str().unwrap().to_string(), outcome)
+        })
+        .collect();
+    let want = [
+        (at("a.PNG"), "red"),
+        (at("b.png"), "blue"),
+        (at("sub/c.JPG"), "green"),
+        (at("b.png"), "blue"),
+        (nothing.clone(), "no file matches the pattern"),
+        (empty.clone(), "no images in this folder"),
+    ];
+    let want: Vec<(String, String)> = want.iter().map(|(s, o)| (s.clone(), o.to_string())).collect();
+    assert_eq!(got, want, "{stderr}");
+    assert_eq!(code, 1);
+    // The shards split the expanded list by position.
+    let (_, first, _) = classify(&server, &[&root, "--shard", "0/2"]).await;
+    let sources: Vec<&str> = first.iter().map(|r| r["source"].as_str().unwrap()).collect();
+    assert_eq!(sources, [at("a.PNG"), at("sub/c.JPG")]);
+    // A turned photo and --no-exif-orientation: same colour either way.
+    let (code, records, stderr) = classify(&server, &["--no-exif-orientation", &at("sub/c.JPG")]).await;
+    assert_eq!((code, top1(&records[0]).0), (0, "green"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

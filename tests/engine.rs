@@ -47,6 +47,7 @@ fn settings(server: &MockServer) -> EngineSettings {
         batch_size: 4,
         queue: 8,
         max_image_bytes: 1 << 20,
+        exif_orientation: true,
     }
 }
 

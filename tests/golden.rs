@@ -29,7 +29,7 @@ fn check(model: &Path, images: &Path, reference: &Path) {
         let name = expected["image"].as_str().unwrap();
         let best = &expected["top"][0];
         let bytes = std::fs::read(images.join(name)).unwrap();
-        let pixels = preprocess::prepare(&bytes, input.width, input.height).unwrap();
+        let pixels = preprocess::prepare(&bytes, true, input.width, input.height).unwrap();
         let scores = model.classify(&[&pixels]).unwrap().remove(0);
         let top = rank::top_k(&scores, 1)[0];
         assert_eq!(top as u64, best["id"].as_u64().unwrap(), "{name}: top-1 differs from the reference");
@@ -55,7 +55,7 @@ fn birds_model_scores_alike_in_any_number_of_stages() {
     let (few, many) = (Model::from_bytes(&bytes, 1).unwrap(), Model::from_bytes(&bytes, 4).unwrap());
     for name in ["american_robin.jpg", "galerida_cristata.jpg", "owl.jpg"] {
         let image = std::fs::read(dir.join("birds/images").join(name)).unwrap();
-        let pixels = preprocess::prepare(&image, 224, 224).unwrap();
+        let pixels = preprocess::prepare(&image, true, 224, 224).unwrap();
         let (a, b) = (few.classify(&[&pixels]).unwrap().remove(0), many.classify(&[&pixels]).unwrap().remove(0));
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(worst < 1e-5, "{name}: scores differ by up to {worst}");

@@ -29,7 +29,9 @@ pub const DEFAULT_LABELS_URL: &str = "https://www.gstatic.com/aihub/tfhub/labelm
 #[derive(Debug, Parser)]
 #[command(version, max_term_width = 100)]
 pub struct Args {
-    /// Images to classify: http(s) URLs or local file paths.
+    /// Images to classify: http(s) URLs, local files, folders (the image
+    /// files under them, by extension, hidden ones skipped) or quoted
+    /// patterns such as 'photos/**/*.jpg', in sorted path order.
     #[arg(value_name = "SOURCE", required_unless_present = "sources_file")]
     pub sources: Vec<String>,
 
@@ -45,6 +47,18 @@ pub struct Args {
     /// CLASSIFIER_SHARD, else JOB_COMPLETION_INDEX / CLASSIFIER_SHARD_COUNT]
     #[arg(long, value_name = "I/N", env = "CLASSIFIER_SHARD")]
     pub shard: Option<Shard>,
+
+    /// How deep folders given as sources are walked: 1 is only the files
+    /// directly in the folder, 2 those of its subfolders too... [default: no
+    /// limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_depth: Option<u32>,
+
+    /// Classify images as their pixels are stored, without turning them as
+    /// their EXIF orientation tag says (browsers and Pillow's exif_transpose
+    /// turn them).
+    #[arg(long)]
+    pub no_exif_orientation: bool,
 
     /// The TFLite classifier: a URL or a path, to a .tflite file or a .tar.gz
     /// holding one. [default: the AIY birds V1 model, from Kaggle, falling

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::settings::Settings;
 use crate::deadline::Deadline;
 use crate::engine::{Engine, Input, Request, SourceError, WhenFull};
-use crate::input::{Fetcher, Source};
+use crate::input::{Expanded, Fetcher, Source};
 use crate::render::{self, Outcome};
 
 /// How a run ended, when it could run at all.
@@ -118,21 +118,26 @@ struct SourceList {
 }
 
 impl SourceList {
-    fn new(inputs: &[String]) -> SourceList {
+    fn new(inputs: &[Expanded]) -> SourceList {
         let mut unique = vec![];
         let mut index: HashMap<Source, usize> = HashMap::new();
         let mut outcomes: Vec<Option<Outcome>> = vec![];
         let occurrences = inputs
             .iter()
-            .map(|input| match Source::parse(input) {
+            .map(|input| match input {
+                Expanded::Source(input) => Source::parse(input).map_err(|e| e.reason),
+                Expanded::Failed { reason, .. } => Err(reason.clone()),
+            })
+            .zip(inputs)
+            .map(|(parsed, input)| match parsed {
                 Ok(source) => *index.entry(source.clone()).or_insert_with(|| {
                     outcomes.push(None);
                     unique.push((outcomes.len() - 1, source));
                     outcomes.len() - 1
                 }),
-                Err(e) => {
-                    warn!(source = %input, "{}", e.reason);
-                    outcomes.push(Some(Err(SourceError::Invalid(e.reason))));
+                Err(reason) => {
+                    warn!(source = %input.source(), "{reason}");
+                    outcomes.push(Some(Err(SourceError::Invalid(reason))));
                     outcomes.len() - 1
                 }
             })
@@ -215,11 +220,11 @@ impl<'a> Printer<'a> {
         Printer { occurrences, remaining, next: 0, failed: 0, out, progress, format }
     }
 
-    fn flush(&mut self, inputs: &[String], outcomes: &mut [Option<Outcome>]) -> std::io::Result<()> {
+    fn flush(&mut self, inputs: &[Expanded], outcomes: &mut [Option<Outcome>]) -> std::io::Result<()> {
         let start = self.next;
         while let Some(&slot) = self.occurrences.get(self.next) {
             let Some(outcome) = &outcomes[slot] else { break };
-            let record = render::render(self.format, &inputs[self.next], outcome);
+            let record = render::render(self.format, inputs[self.next].source(), outcome);
             self.progress.suspend(|| self.out.write_all(record.as_bytes()))?;
             self.failed += outcome.is_err() as usize;
             self.remaining[slot] -= 1;

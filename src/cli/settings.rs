@@ -6,14 +6,15 @@ use anyhow::{Context, bail};
 
 use super::args::{self, Args, Shard};
 use crate::engine::EngineSettings;
-use crate::input::{FetchSettings, Source, SourcePolicy};
+use crate::input::{ExpandOptions, Expanded, FetchSettings, Source, SourcePolicy};
 use crate::render::Format;
 
 /// What one run of the command line does.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The sources to classify, as given, narrowed to the shard.
-    pub sources: Vec<String>,
+    /// The sources to classify, folders and patterns expanded, narrowed to
+    /// the shard.
+    pub sources: Vec<Expanded>,
     pub format: Format,
     pub top_k: usize,
     /// Most images in flight at once, from the start of their download to
@@ -49,6 +50,7 @@ impl Settings {
             // next images are prepared; more would only hold memory.
             queue: batch_size * threads,
             max_image_bytes: args.max_image_bytes,
+            exif_orientation: !args.no_exif_orientation,
         };
         // The user names the sources: every file and address is theirs to read.
         let fetch = FetchSettings { timeout: args.timeout(), policy: SourcePolicy::ALLOW_ALL, cache: args.cache() };
@@ -64,9 +66,9 @@ impl Settings {
     }
 }
 
-/// The sources to classify: the arguments, then `--sources-file`, narrowed
-/// to `--shard`.
-fn source_list(args: &Args) -> anyhow::Result<Vec<String>> {
+/// The sources to classify: the arguments, then `--sources-file`, folders
+/// and patterns expanded, narrowed to `--shard`.
+fn source_list(args: &Args) -> anyhow::Result<Vec<Expanded>> {
     let mut inputs = args.sources.clone();
     if let Some(path) = &args.sources_file {
         let text = if path.as_os_str() == "-" {
@@ -79,13 +81,16 @@ fn source_list(args: &Args) -> anyhow::Result<Vec<String>> {
     if inputs.is_empty() {
         bail!("no sources to classify");
     }
-    let Some(shard) = args.shard().map_err(anyhow::Error::msg)? else { return Ok(inputs) };
-    Ok(narrow(inputs, shard))
+    let shard = args.shard().map_err(anyhow::Error::msg)?;
+    // Every shard expands the whole list, so that they split the same one.
+    let expanded = crate::input::expand(inputs, ExpandOptions { max_depth: args.max_depth.map(|d| d as usize) });
+    let Some(shard) = shard else { return Ok(expanded) };
+    Ok(narrow(expanded, shard))
 }
 
-fn narrow(inputs: Vec<String>, shard: Shard) -> Vec<String> {
+fn narrow<T>(inputs: Vec<T>, shard: Shard) -> Vec<T> {
     let total = inputs.len();
-    let mine: Vec<String> =
+    let mine: Vec<T> =
         inputs.into_iter().enumerate().filter(|(position, _)| shard.contains(*position)).map(|(_, s)| s).collect();
     tracing::info!("shard {}/{}: {} of {total} sources", shard.index, shard.count, mine.len());
     mine

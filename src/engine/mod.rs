@@ -55,6 +55,8 @@ pub struct EngineSettings {
     pub queue: usize,
     /// Largest image accepted, in bytes.
     pub max_image_bytes: u64,
+    /// Whether images are turned as their EXIF orientation tag says.
+    pub exif_orientation: bool,
 }
 
 /// An image to classify.
@@ -102,6 +104,7 @@ pub struct Engine {
 struct Inner {
     fetcher: Fetcher,
     max_image_bytes: u64,
+    exif_orientation: bool,
     state: watch::Receiver<State>,
     queue: pool::Queue,
     limits: prepare::Limits,
@@ -122,7 +125,7 @@ impl Engine {
         let (queue, jobs) = pool::Queue::new(settings.queue);
         let (state_tx, state) = watch::channel(State::Loading { input: settings.model_input });
         let metrics = Arc::new(Metrics::default());
-        let max_image_bytes = settings.max_image_bytes;
+        let (max_image_bytes, exif_orientation) = (settings.max_image_bytes, settings.exif_orientation);
         let loader = {
             let (fetcher, metrics, room) = (fetcher.clone(), metrics.clone(), queue.closer());
             tokio::spawn(async move {
@@ -143,8 +146,16 @@ impl Engine {
             })
             .abort_handle()
         };
-        let inner =
-            Inner { max_image_bytes, fetcher, state, queue, limits: prepare::Limits::new(threads), metrics, loader };
+        let inner = Inner {
+            max_image_bytes,
+            exif_orientation,
+            fetcher,
+            state,
+            queue,
+            limits: prepare::Limits::new(threads),
+            metrics,
+            loader,
+        };
         Engine { inner: Arc::new(inner) }
     }
 
@@ -221,7 +232,16 @@ impl Engine {
             }
             Input::Bytes { name, bytes } => (name, bytes),
         };
-        let pixels = prepare::prepare(bytes, &inner.limits, &inner.state, deadline, &inner.metrics, &name).await?;
+        let pixels = prepare::prepare(
+            bytes,
+            inner.exif_orientation,
+            &inner.limits,
+            &inner.state,
+            deadline,
+            &inner.metrics,
+            &name,
+        )
+        .await?;
         let answer = inner.queue.submit(pixels, deadline, request.when_full).await?;
         Ok(Queued { engine: self.clone(), answer, request })
     }

@@ -32,10 +32,12 @@ impl Limits {
     }
 }
 
-/// Decodes `bytes` and resizes the image to the model's input size: 8-bit
+/// Decodes `bytes` (turned as its EXIF orientation says, with
+/// `exif_orientation`) and resizes the image to the model's input size: 8-bit
 /// RGB, ready for the queue. `name` is for the logs.
 pub(super) async fn prepare(
     bytes: Bytes,
+    exif_orientation: bool,
     limits: &Limits,
     state: &watch::Receiver<State>,
     deadline: Deadline,
@@ -54,7 +56,7 @@ pub(super) async fn prepare(
             let decode_span = span.clone();
             let decode = move || {
                 let _decoder = decoder;
-                decode_span.in_scope(|| crate::image::decode(&bytes))
+                decode_span.in_scope(|| crate::image::decode(&bytes, exif_orientation))
             };
             let (image, decoding) = blocking(decode).await?;
             let image = image?;
@@ -68,7 +70,7 @@ pub(super) async fn prepare(
             let decoder = decoder(limits, deadline).await?;
             blocking(move || {
                 let _decoder = decoder;
-                span.in_scope(|| crate::image::prepare(&bytes, width, height))
+                span.in_scope(|| crate::image::prepare(&bytes, exif_orientation, width, height))
             })
             .await?
         }

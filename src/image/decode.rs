@@ -7,7 +7,8 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageFormat, ImageReader};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 /// Images with a side longer than this are refused before any pixel is decoded.
 pub const MAX_SIDE: u32 = 16_384;
@@ -33,7 +34,10 @@ pub enum DecodeError {
 }
 
 /// Decodes `bytes` into an image, refusing oversized ones from their header.
-pub fn decode(bytes: &[u8]) -> Result<DynamicImage, DecodeError> {
+/// With `exif_orientation`, the image is turned as its EXIF orientation tag
+/// says (JPEG, TIFF and WebP carry one), the way browsers and Pillow's
+/// `ImageOps.exif_transpose` show it; an unreadable tag is no tag.
+pub fn decode(bytes: &[u8], exif_orientation: bool) -> Result<DynamicImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -60,16 +64,28 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage, DecodeError> {
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     let mut reader = reader;
     reader.limits(limits);
-    // Read the dimensions first, so the error can name them.
-    let (width, height) =
-        ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| corrupt(e.to_string()))?;
+    // Read the dimensions first, so the error can name them, and the
+    // orientation from the same headers.
+    let mut header =
+        ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(|e| corrupt(e.to_string()))?;
+    let (width, height) = header.dimensions();
     if width > MAX_SIDE || height > MAX_SIDE {
         return Err(DecodeError::TooLarge { width, height });
     }
-    reader.decode().map_err(|e| match e {
+    let orientation = match exif_orientation {
+        true => header.orientation().unwrap_or_else(|e| {
+            tracing::debug!("EXIF orientation ignored: {e}");
+            Orientation::NoTransforms
+        }),
+        false => Orientation::NoTransforms,
+    };
+    drop(header);
+    let mut image = reader.decode().map_err(|e| match e {
         image::ImageError::Limits(_) => DecodeError::TooLarge { width, height },
         e => corrupt(e.to_string()),
-    })
+    })?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 /// Where a JPEG stops short of its end-of-image marker, if it does.
@@ -145,11 +161,11 @@ mod tests {
 
     #[test]
     fn names_what_is_wrong() {
-        assert!(matches!(decode(b""), Err(DecodeError::Empty)));
+        assert!(matches!(decode(b"", true), Err(DecodeError::Empty)));
         let html = b"<!DOCTYPE html><html><body>Not found</body></html>";
-        assert_eq!(decode(html).unwrap_err().to_string(), "not an image (the content is an HTML page)");
+        assert_eq!(decode(html, true).unwrap_err().to_string(), "not an image (the content is an HTML page)");
         let jpeg = encode(&red(64, 64), ImageFormat::Jpeg);
-        let err = decode(&jpeg[..jpeg.len() / 2]).unwrap_err();
+        let err = decode(&jpeg[..jpeg.len() / 2], true).unwrap_err();
         assert!(err.to_string().starts_with("cannot decode JPEG image: the file is truncated ("), "{err}");
     }
 
@@ -162,7 +178,7 @@ mod tests {
         let mut crc = flate2::Crc::new();
         crc.update(&png[12..29]);
         png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
-        let err = decode(&png).unwrap_err();
+        let err = decode(&png, true).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { width: 50_000, height: 50_000 }), "{err}");
         assert_eq!(err.to_string(), "image of 50000x50000 pixels is larger than the limit of 16384x16384");
     }
@@ -200,7 +216,7 @@ mod tests {
     }
 
     fn assert_truncated(bytes: &[u8], what: &str) {
-        match decode(bytes) {
+        match decode(bytes, true) {
             Err(err @ DecodeError::Truncated { .. }) => {
                 let message = err.to_string();
                 assert!(
@@ -213,7 +229,7 @@ mod tests {
     }
 
     fn assert_cuts_are_truncated(name: &str, jpeg: &[u8]) {
-        decode(jpeg).unwrap_or_else(|e| panic!("{name} whole: {e}"));
+        decode(jpeg, true).unwrap_or_else(|e| panic!("{name} whole: {e}"));
         for keep in [jpeg.len() / 3, jpeg.len() / 2, jpeg.len() - 5, jpeg.len() - 2] {
             assert_truncated(&jpeg[..keep], &format!("{name} cut to {keep} of {} bytes", jpeg.len()));
         }
@@ -244,7 +260,7 @@ mod tests {
         assert_cuts_are_truncated("with a thumbnail", &with_thumbnail);
         // Bytes after the end, as some cameras append, are no cut.
         let trailed = [&photo[..], b"trailing data \xFF\xD8"].concat();
-        assert_eq!(decode(&trailed).unwrap().dimensions(), (61, 37));
+        assert_eq!(decode(&trailed, true).unwrap().dimensions(), (61, 37));
     }
 
     #[test]
@@ -254,20 +270,91 @@ mod tests {
                 let prefix = &jpeg[..keep];
                 // Shorter than the three bytes the format sniffing reads.
                 if keep < 3 {
-                    assert!(decode(prefix).is_err());
+                    assert!(decode(prefix, true).is_err());
                 } else {
                     assert_truncated(prefix, &format!("{name} cut to {keep} bytes"));
                 }
                 // With an end marker stuck on, the cut reaches the decoder,
                 // which may refuse it or fill it in, but must not panic.
-                let _ = decode(&[prefix, &[0xFF, 0xD9]].concat());
+                let _ = decode(&[prefix, &[0xFF, 0xD9]].concat(), true);
             }
         }
     }
 
+    /// `jpeg` with an EXIF segment holding only an orientation tag, written
+    /// by hand: "Exif", a big-endian TIFF header, one IFD of one entry.
+    fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+        // Tag 0x0112 (orientation), type SHORT, count 1, the value padded.
+        exif.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1]);
+        exif.extend_from_slice(&orientation.to_be_bytes());
+        exif.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend_from_slice(&u16::try_from(exif.len() + 2).unwrap().to_be_bytes());
+        app1.extend_from_slice(&exif);
+        [&jpeg[..2], &app1, &jpeg[2..]].concat()
+    }
+
+    /// Wider than high: red above green on the left, blue on the right, so
+    /// that every flip and turn looks different.
+    fn upright() -> RgbImage {
+        RgbImage::from_fn(48, 32, |x, y| match (x < 24, y < 16) {
+            (true, true) => Rgb([230, 20, 20]),
+            (true, false) => Rgb([20, 230, 20]),
+            (false, _) => Rgb([20, 20, 230]),
+        })
+    }
+
+    /// Whether `image` is laid out as `upright`.
+    fn looks_upright(image: &DynamicImage) -> bool {
+        let rgb = image.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let strongest = |x, y| {
+            let p = rgb.get_pixel(x, y);
+            (0..3).max_by_key(|&c| p[c]).unwrap()
+        };
+        (w, h) == (48, 32) && strongest(6, 8) == 0 && strongest(6, 24) == 1 && strongest(42, 16) == 2
+    }
+
+    #[test]
+    fn exif_orientation_turns_the_image_upright() {
+        let upright = DynamicImage::ImageRgb8(upright());
+        assert!(looks_upright(&decode(&encode(&upright, ImageFormat::Jpeg), true).unwrap()));
+        // Each tag with the pixels stored as a camera held that way would
+        // store them: turned back, they show the upright picture.
+        let stored = [
+            (1, upright.clone()),
+            (2, upright.fliph()),
+            (3, upright.rotate180()),
+            (4, upright.flipv()),
+            (5, upright.rotate90().fliph()),
+            (6, upright.rotate270()),
+            (7, upright.rotate270().fliph()),
+            (8, upright.rotate90()),
+        ];
+        for (tag, pixels) in stored {
+            let jpeg = with_orientation(&encode(&pixels, ImageFormat::Jpeg), tag);
+            let oriented = decode(&jpeg, true).unwrap();
+            assert!(looks_upright(&oriented), "orientation {tag}: {:?}", oriented.dimensions());
+            // Without it, the pixels as stored.
+            let stored = decode(&jpeg, false).unwrap();
+            assert_eq!(stored.dimensions(), pixels.dimensions(), "orientation {tag}");
+            assert_eq!(looks_upright(&stored), tag == 1, "orientation {tag}");
+        }
+    }
+
+    #[test]
+    fn a_broken_exif_segment_is_no_orientation() {
+        let jpeg = encode(&DynamicImage::ImageRgb8(upright()), ImageFormat::Jpeg);
+        let mut broken = with_orientation(&jpeg, 6);
+        // The TIFF header's byte order, garbled.
+        broken[12..14].copy_from_slice(b"XX");
+        assert!(looks_upright(&decode(&broken, true).unwrap()));
+    }
+
     #[test]
     fn cmyk_jpegs_decode_to_rgb() {
-        let rgb = decode(&fixture("cmyk_red.jpg")).unwrap().to_rgb8();
+        let rgb = decode(&fixture("cmyk_red.jpg"), true).unwrap().to_rgb8();
         assert_eq!(rgb.dimensions(), (32, 24));
         assert!(rgb.pixels().all(|p| p[0] > 230 && p[1] < 25 && p[2] < 25), "{:?}", rgb.get_pixel(0, 0));
     }

@@ -13,9 +13,10 @@ mod resize;
 pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_SIDE, decode};
 pub use resize::resize;
 
-/// Decodes and resizes: the whole stage for one image.
-pub fn prepare(bytes: &[u8], width: u32, height: u32) -> Result<Vec<u8>, DecodeError> {
-    resize(decode(bytes)?, width, height)
+/// Decodes (turned as its EXIF orientation says, with `exif_orientation`)
+/// and resizes: the whole stage for one image.
+pub fn prepare(bytes: &[u8], exif_orientation: bool, width: u32, height: u32) -> Result<Vec<u8>, DecodeError> {
+    resize(decode(bytes, exif_orientation)?, width, height)
 }
 
 #[cfg(test)]

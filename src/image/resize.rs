@@ -41,7 +41,7 @@ mod tests {
     #[test]
     fn resizes_to_the_requested_size_keeping_colour() {
         let png = encode(&red(300, 200), ImageFormat::Png);
-        let pixels = prepare(&png, 224, 224).unwrap();
+        let pixels = prepare(&png, true, 224, 224).unwrap();
         assert_eq!(pixels.len(), 224 * 224 * 3);
         assert!(pixels.chunks(3).all(|p| p == [220, 20, 20]));
     }
@@ -49,10 +49,10 @@ mod tests {
     #[test]
     fn converts_16_bit_and_grayscale_to_rgb() {
         let deep = DynamicImage::ImageRgb16(red(64, 48).to_rgb16());
-        let pixels = prepare(&encode(&deep, ImageFormat::Png), 32, 32).unwrap();
+        let pixels = prepare(&encode(&deep, ImageFormat::Png), true, 32, 32).unwrap();
         assert!(pixels.chunks(3).all(|p| p == [220, 20, 20]));
         let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(40, 40, image::Luma([77])));
-        let pixels = prepare(&encode(&gray, ImageFormat::Jpeg), 16, 16).unwrap();
+        let pixels = prepare(&encode(&gray, ImageFormat::Jpeg), true, 16, 16).unwrap();
         assert!(pixels.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2] && p[0].abs_diff(77) <= 2));
     }
 
