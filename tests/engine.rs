@@ -24,6 +24,13 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
 }
 
+async fn serve_labels(server: &MockServer) {
+    Mock::given(path("/labels.csv"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv")))
+        .mount(server)
+        .await;
+}
+
 /// A server with the mock model (answering after `model_delay`) and labels.
 async fn server(model_delay: Duration) -> MockServer {
     let server = MockServer::start().await;
@@ -31,10 +38,7 @@ async fn server(model_delay: Duration) -> MockServer {
         .respond_with(ResponseTemplate::new(200).set_body_bytes(fixture("mock_model.tflite")).set_delay(model_delay))
         .mount(&server)
         .await;
-    Mock::given(path("/labels.csv"))
-        .respond_with(ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv")))
-        .mount(&server)
-        .await;
+    serve_labels(&server).await;
     server
 }
 
@@ -137,10 +141,7 @@ async fn callers_waiting_for_room_fail_when_the_model_cannot_load() {
         .respond_with(ResponseTemplate::new(404).set_delay(Duration::from_millis(600)))
         .mount(&server)
         .await;
-    Mock::given(path("/labels.csv"))
-        .respond_with(ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv")))
-        .mount(&server)
-        .await;
+    serve_labels(&server).await;
     let settings = EngineSettings { model_input: Some((8, 8)), queue: 1, threads: 1, ..settings(&server) };
     let engine = Engine::start(settings, fetcher(SourcePolicy::ALLOW_ALL));
     // One image fills the queue; the next waits for room, then the model fails.
@@ -162,10 +163,7 @@ async fn callers_waiting_for_room_fail_when_the_model_cannot_load() {
 #[tokio::test]
 async fn a_model_that_cannot_load_fails_every_image_and_says_why() {
     let server = MockServer::start().await;
-    Mock::given(path("/labels.csv"))
-        .respond_with(ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv")))
-        .mount(&server)
-        .await;
+    serve_labels(&server).await;
     let engine = Engine::start(settings(&server), fetcher(SourcePolicy::ALLOW_ALL));
     let err = engine.classify(upload([250, 10, 10]), WAIT).await.unwrap_err();
     assert!(matches!(err, SourceError::Unavailable), "{err}");

@@ -17,8 +17,8 @@ pub struct Settings {
     pub sources: Vec<Expanded>,
     pub format: Format,
     pub top_k: usize,
-    /// Most images in flight at once, from the start of their download to
-    /// their record.
+    /// Most images in flight at once, from the start of their download
+    /// until they wait in the inference queue.
     pub concurrency: usize,
     /// Whether a progress bar may show (not with `-q`).
     pub progress: bool,
