@@ -15,6 +15,16 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    if let Some(kind) = args.generate {
+        return match classifier::cli::generate(kind, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     init_logging(&args);
     let settings = match classifier::cli::Settings::resolve(&args) {
         Ok(settings) => settings,

@@ -32,7 +32,7 @@ pub struct Args {
     /// Images to classify: http(s) URLs, local files, folders (the image
     /// files under them, by extension, hidden ones skipped) or quoted
     /// patterns such as 'photos/**/*.jpg', in sorted path order.
-    #[arg(value_name = "SOURCE", required_unless_present = "sources_file")]
+    #[arg(value_name = "SOURCE", required_unless_present_any = ["sources_file", "generate"])]
     pub sources: Vec<String>,
 
     /// Read more sources from a file, one a line (`-` for stdin); blank lines
@@ -121,6 +121,10 @@ pub struct Args {
     /// Only errors on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// Print a man page or shell completions on stdout, and exit.
+    #[arg(long, value_enum, value_name = "KIND", exclusive = true)]
+    pub generate: Option<super::Generate>,
 }
 
 /// Part `index` of `count` of the source list, by position.

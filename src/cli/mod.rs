@@ -2,9 +2,11 @@
 //! engine.
 
 mod args;
+mod generate;
 pub mod progress;
 pub mod run;
 mod settings;
 
 pub use args::*;
+pub use generate::{Generate, generate};
 pub use settings::Settings;

@@ -1,26 +1,38 @@
 //! The command line's batch run: every source through the engine, the
 //! records printed in the order the sources were given.
 //!
-//! The engine starts loading the model and the labels, and every image is
-//! handed to it at once (at most `--concurrency` in flight), so downloads
-//! and decodes begin while the model is still on its way. Nothing is printed
-//! until the model and labels are loaded: should they fail, stdout stays
-//! empty. Then each record is printed as soon as it and all before it are
-//! done.
+//! The sources are expanded (folders walked) on a thread of their own as the
+//! run takes them. The engine starts loading the model and the labels, and
+//! every image is handed to it at once (at most `--concurrency` in flight),
+//! so downloads and decodes begin while the model is still on its way.
+//! Nothing is printed until the model and labels are loaded: should they
+//! fail, stdout stays empty. Then each record is printed as soon as it and
+//! all before it are done.
+//!
+//! At most [`REORDER_WINDOW`] records are begun ahead of the first one not
+//! yet printed, so what a run holds does not grow with its list: a slow
+//! image holds up those after it once the window is full, never memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{ErrorKind, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
 
-use super::settings::Settings;
+use super::settings::{Settings, Sources};
 use crate::deadline::Deadline;
 use crate::engine::{Engine, Input, Request, SourceError, WhenFull};
 use crate::input::{Expanded, Fetcher, Source};
 use crate::render::{self, Outcome};
+
+/// Most records begun and not yet printed. A record waiting its turn is a
+/// few hundred bytes (its images are bounded by `--concurrency` and the
+/// inference queue); the window is wide enough that a slow download rarely
+/// stalls the others.
+pub const REORDER_WINDOW: usize = 4096;
 
 /// How a run ended, when it could run at all.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,30 +47,39 @@ pub struct Summary {
 /// error means the run could not start (no model or labels).
 pub async fn run(settings: &Settings, out: &mut (dyn Write + Send)) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let inputs = &settings.sources;
-    if inputs.is_empty() {
+    let mut records = expand(settings.sources.clone())?;
+    let Some(first) = records.recv().await else {
         info!("this shard has no sources");
         return Ok(Summary::default());
-    }
+    };
     let fetcher = Fetcher::new(settings.fetch.clone())?;
-    let list = SourceList::new(inputs);
     let engine = Engine::start(settings.engine.clone(), fetcher);
 
-    let (done_tx, mut done_rx) = mpsc::channel::<(usize, Outcome)>(settings.concurrency);
+    let window = Arc::new(Semaphore::new(REORDER_WINDOW));
+    let begun = Arc::new(AtomicUsize::new(0));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let request = Request { top_k: settings.top_k, deadline: Deadline::NEVER, when_full: WhenFull::Wait };
-    let producer =
-        AbortOnDrop(tokio::spawn(produce(engine.clone(), list.unique.clone(), settings.concurrency, request, done_tx)));
+    let producer = Producer {
+        engine: engine.clone(),
+        repeated: repeated(&settings.sources.inputs),
+        window: window.clone(),
+        concurrency: settings.concurrency,
+        request,
+        done: done_tx,
+        begun: begun.clone(),
+    };
+    let producer = AbortOnDrop(tokio::spawn(producer.run(first, records)));
 
     engine.ready().await?;
-    let mut outcomes = list.outcomes;
-    let progress = super::progress::bar(list.occurrences.len(), 10, !settings.progress);
-    let mut printer = Printer::new(&list.occurrences, outcomes.len(), out, &progress, settings.format);
-    let mut printed = printer.flush(inputs, &mut outcomes);
+    let progress = super::progress::bar(begun.load(Ordering::Relaxed), 10, !settings.progress);
+    let mut printer = Printer::new(out, &progress, settings.format, &window);
+    let mut printed = Ok(());
     while printed.is_ok()
-        && let Some((slot, outcome)) = done_rx.recv().await
+        && let Some(done) = done_rx.recv().await
     {
-        outcomes[slot] = Some(outcome);
-        printed = printer.flush(inputs, &mut outcomes);
+        printer.add(done);
+        progress.set_length(begun.load(Ordering::Relaxed) as u64);
+        printed = printer.flush();
     }
     drop(producer);
     progress.finish_and_clear();
@@ -67,18 +88,41 @@ pub async fn run(settings: &Settings, out: &mut (dyn Write + Send)) -> anyhow::R
         tracing::debug!("stdout was closed; stopping");
         return Ok(Summary { classified: 0, failed: 0, stdout_closed: true });
     }
-    // Every source has an outcome by now; should one not, it must not pass
-    // for a success.
-    for (slot, outcome) in outcomes.iter_mut().enumerate() {
-        if outcome.is_none() && printer.remaining[slot] > 0 {
-            *outcome = Some(Err(SourceError::Internal("internal error: no result".into())));
-        }
+    // Every record begun has been printed by now; should one not have been,
+    // it must not pass for a success.
+    let missing = begun.load(Ordering::Relaxed).saturating_sub(printer.next);
+    if missing > 0 {
+        tracing::error!("internal error: {missing} sources have no result");
     }
-    let stdout_closed = printer.flush(inputs, &mut outcomes).closed()?;
-    let failed = printer.failed;
-    let summary = Summary { classified: list.occurrences.len() - failed, failed, stdout_closed };
+    let failed = printer.failed + missing;
+    let summary = Summary { classified: printer.next - printer.failed, failed, stdout_closed: false };
     report(&summary, &engine, started.elapsed());
     Ok(summary)
+}
+
+/// Expands the sources on a thread of its own (a walk waits on the file
+/// system), as fast as the run takes them, narrowed to the shard.
+fn expand(sources: Sources) -> anyhow::Result<mpsc::Receiver<Expanded>> {
+    let (tx, rx) = mpsc::channel(256);
+    let walk = move || {
+        let (mut total, mut mine) = (0, 0);
+        for (position, expanded) in crate::input::expand(sources.inputs, sources.expand).enumerate() {
+            total += 1;
+            if sources.shard.is_some_and(|shard| !shard.contains(position)) {
+                continue;
+            }
+            mine += 1;
+            // The run has stopped.
+            if tx.blocking_send(expanded).is_err() {
+                return;
+            }
+        }
+        if let Some(shard) = sources.shard {
+            info!("shard {}/{}: {mine} of {total} sources", shard.index, shard.count);
+        }
+    };
+    std::thread::Builder::new().name("sources".into()).spawn(walk).map_err(|e| anyhow::anyhow!("cannot start: {e}"))?;
+    Ok(rx)
 }
 
 /// Aborts its task when dropped, so that no early return leaves work running.
@@ -106,137 +150,199 @@ impl BrokenPipe for std::io::Result<()> {
     }
 }
 
-/// The sources as given, and the distinct ones to classify: a source given
-/// twice is fetched once and reported twice.
-struct SourceList {
-    /// The slot of each source as given.
-    occurrences: Vec<usize>,
-    /// The distinct sources, with their slot.
-    unique: Vec<(usize, Source)>,
-    /// Each slot's outcome: known at once for a source that does not parse.
-    outcomes: Vec<Option<Outcome>>,
+/// The sources given more than once as arguments or lines of the list: each
+/// is classified once and its record repeated. Files found in folders or by
+/// patterns are not compared, so that what is kept is bounded by the list
+/// given, not by what it expands to.
+fn repeated(inputs: &[String]) -> HashSet<Source> {
+    let mut seen = HashSet::new();
+    inputs.iter().filter_map(|input| Source::parse(input).ok()).filter(|source| !seen.insert(source.clone())).collect()
 }
 
-impl SourceList {
-    fn new(inputs: &[Expanded]) -> SourceList {
-        let mut unique = vec![];
-        let mut index: HashMap<Source, usize> = HashMap::new();
-        let mut outcomes: Vec<Option<Outcome>> = vec![];
-        let occurrences = inputs
-            .iter()
-            .map(|input| match input {
-                Expanded::Source(input) => Source::parse(input).map_err(|e| e.reason),
-                Expanded::Failed { reason, .. } => Err(reason.clone()),
-            })
-            .zip(inputs)
-            .map(|(parsed, input)| match parsed {
-                Ok(source) => *index.entry(source.clone()).or_insert_with(|| {
-                    outcomes.push(None);
-                    unique.push((outcomes.len() - 1, source));
-                    outcomes.len() - 1
-                }),
-                Err(reason) => {
-                    warn!(source = %input.source(), "{reason}");
-                    outcomes.push(Some(Err(SourceError::Invalid(reason))));
-                    outcomes.len() - 1
-                }
-            })
-            .collect();
-        SourceList { occurrences, unique, outcomes }
-    }
+/// What the printer is told of one record.
+enum Done {
+    /// Record `n` and its outcome; `keep` if later records repeat it.
+    Record { n: usize, source: String, outcome: Outcome, keep: bool },
+    /// Record `n` is record `of` again, as `source`.
+    Repeat { n: usize, source: String, of: usize },
 }
 
-/// Hands every source to the engine, at most `concurrency` at once until
-/// they are queued for inference, each its own task: a download keeps
+/// Hands every record's source to the engine, at most `concurrency` at once
+/// until they are queued for inference, each its own task: a download keeps
 /// streaming (and its time limit stays honest) while others wait for room
-/// in the queue. The records, small, wait in `done` for the printer.
-async fn produce(
+/// in the queue.
+struct Producer {
     engine: Engine,
-    sources: Vec<(usize, Source)>,
+    repeated: HashSet<Source>,
+    window: Arc<Semaphore>,
     concurrency: usize,
     request: Request,
-    done: mpsc::Sender<(usize, Outcome)>,
-) {
-    let in_flight = Arc::new(Semaphore::new(concurrency));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (slot, source) in sources {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        let (engine, done) = (engine.clone(), done.clone());
-        tasks.spawn(async move {
-            let name = source.to_string();
-            // The slot bounds the images being downloaded and decoded: it is
-            // free again once the image waits for inference.
-            let queued = engine.submit(Input::Source(source), request).await;
-            drop(permit);
-            let outcome = match queued {
-                Ok(queued) => queued.predictions().await,
-                Err(e) => Err(e),
+    done: mpsc::UnboundedSender<Done>,
+    /// Records begun so far.
+    begun: Arc<AtomicUsize>,
+}
+
+impl Producer {
+    async fn run(self, first: Expanded, mut records: mpsc::Receiver<Expanded>) {
+        let in_flight = Arc::new(Semaphore::new(self.concurrency));
+        let mut first_of: HashMap<Source, usize> = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut next = Some(first);
+        for n in 0.. {
+            let Some(expanded) = (match next.take() {
+                Some(expanded) => Some(expanded),
+                None => records.recv().await,
+            }) else {
+                break;
             };
-            if let Err(e) = &outcome {
-                warn!(source = %name, "{e}");
+            let Ok(slot) = self.window.acquire().await else { break };
+            slot.forget();
+            self.begun.store(n + 1, Ordering::Relaxed);
+            let given = matches!(expanded, Expanded::Given(_));
+            let (name, parsed) = match expanded {
+                Expanded::Given(name) | Expanded::Found(name) => {
+                    let parsed = Source::parse(&name).map_err(|e| e.reason);
+                    (name, parsed)
+                }
+                Expanded::Failed { source, reason } => (source, Err(reason)),
+            };
+            let source = match parsed {
+                Ok(source) => source,
+                Err(reason) => {
+                    warn!(source = %name, "{reason}");
+                    let outcome = Err(SourceError::Invalid(reason));
+                    let _ = self.done.send(Done::Record { n, source: name, outcome, keep: false });
+                    continue;
+                }
+            };
+            let keep = given && self.repeated.contains(&source);
+            if keep {
+                if let Some(&of) = first_of.get(&source) {
+                    let _ = self.done.send(Done::Repeat { n, source: name, of });
+                    continue;
+                }
+                first_of.insert(source.clone(), n);
             }
-            let _ = done.send((slot, outcome)).await;
-        });
-        // Reap finished tasks as we go so the set stays small.
-        while tasks.try_join_next().is_some() {}
-    }
-    while let Some(joined) = tasks.join_next().await {
-        // A panic is a bug; its source is reported as having no result.
-        if let Err(e) = joined
-            && e.is_panic()
-        {
-            tracing::error!("internal error: a task panicked: {e}");
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+            let (engine, request) = (self.engine.clone(), self.request);
+            let reply = Reply { n, source: name, keep, done: Some(self.done.clone()) };
+            tasks.spawn(async move {
+                // The slot bounds the images being downloaded and decoded: it
+                // is free again once the image waits for inference.
+                let queued = engine.submit(Input::Source(source), request).await;
+                drop(permit);
+                let outcome = match queued {
+                    Ok(queued) => queued.predictions().await,
+                    Err(e) => Err(e),
+                };
+                reply.send(outcome);
+            });
+            // Reap finished tasks as we go so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined
+                && e.is_panic()
+            {
+                tracing::error!("internal error: a task panicked: {e}");
+            }
         }
     }
 }
 
+/// Where a record's outcome goes. A task that ends without sending one (a
+/// panic: a bug) sends an internal error instead, so that no record goes
+/// missing and none passes for a success.
+struct Reply {
+    n: usize,
+    source: String,
+    keep: bool,
+    done: Option<mpsc::UnboundedSender<Done>>,
+}
+
+impl Reply {
+    fn send(mut self, outcome: Outcome) {
+        if let Err(e) = &outcome {
+            warn!(source = %self.source, "{e}");
+        }
+        self.deliver(outcome);
+    }
+
+    fn deliver(&mut self, outcome: Outcome) {
+        if let Some(done) = self.done.take() {
+            let source = std::mem::take(&mut self.source);
+            let _ = done.send(Done::Record { n: self.n, source, outcome, keep: self.keep });
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.deliver(Err(SourceError::Internal("internal error: no result".into())));
+    }
+}
+
 /// Prints records in the order the sources were given, as they complete.
-///
-/// An outcome is dropped once its last occurrence is printed, so that what is
-/// kept does not grow with the length of the list.
 struct Printer<'a> {
-    occurrences: &'a [usize],
-    /// Occurrences of each slot not yet printed.
-    remaining: Vec<u32>,
+    /// Records done, waiting for those before them.
+    waiting: BTreeMap<usize, Done>,
+    /// The outcomes of records that later ones repeat.
+    kept: HashMap<usize, Outcome>,
+    /// The next record to print.
     next: usize,
     failed: usize,
     out: &'a mut (dyn Write + Send),
     progress: &'a indicatif::ProgressBar,
     format: render::Format,
+    window: &'a Semaphore,
 }
 
 impl<'a> Printer<'a> {
     fn new(
-        occurrences: &'a [usize],
-        slots: usize,
         out: &'a mut (dyn Write + Send),
         progress: &'a indicatif::ProgressBar,
         format: render::Format,
+        window: &'a Semaphore,
     ) -> Self {
-        let mut remaining = vec![0; slots];
-        for &slot in occurrences {
-            remaining[slot] += 1;
-        }
-        Printer { occurrences, remaining, next: 0, failed: 0, out, progress, format }
+        Printer { waiting: BTreeMap::new(), kept: HashMap::new(), next: 0, failed: 0, out, progress, format, window }
     }
 
-    fn flush(&mut self, inputs: &[Expanded], outcomes: &mut [Option<Outcome>]) -> std::io::Result<()> {
+    fn add(&mut self, done: Done) {
+        let (Done::Record { n, .. } | Done::Repeat { n, .. }) = done;
+        self.waiting.insert(n, done);
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         let start = self.next;
-        while let Some(&slot) = self.occurrences.get(self.next) {
-            let Some(outcome) = &outcomes[slot] else { break };
-            let record = render::render(self.format, inputs[self.next].source(), outcome);
-            self.progress.suspend(|| self.out.write_all(record.as_bytes()))?;
-            self.failed += outcome.is_err() as usize;
-            self.remaining[slot] -= 1;
-            if self.remaining[slot] == 0 {
-                outcomes[slot] = None;
+        while let Some(done) = self.waiting.remove(&self.next) {
+            match done {
+                Done::Record { source, outcome, keep, .. } => {
+                    self.print(&source, &outcome)?;
+                    if keep {
+                        self.kept.insert(self.next, outcome);
+                    }
+                }
+                Done::Repeat { source, of, .. } => {
+                    let missing = Err(SourceError::Internal("internal error: no result".into()));
+                    let outcome = self.kept.remove(&of).unwrap_or(missing);
+                    self.print(&source, &outcome)?;
+                    self.kept.insert(of, outcome);
+                }
             }
             self.next += 1;
+            self.window.add_permits(1);
         }
         if self.next > start {
             self.out.flush()?;
             self.progress.set_position(self.next as u64);
         }
+        Ok(())
+    }
+
+    fn print(&mut self, source: &str, outcome: &Outcome) -> std::io::Result<()> {
+        let record = render::render(self.format, source, outcome);
+        self.progress.suspend(|| self.out.write_all(record.as_bytes()))?;
+        self.failed += outcome.is_err() as usize;
         Ok(())
     }
 }

@@ -6,15 +6,14 @@ use anyhow::{Context, bail};
 
 use super::args::{self, Args, Shard};
 use crate::engine::EngineSettings;
-use crate::input::{ExpandOptions, Expanded, FetchSettings, Source, SourcePolicy};
+use crate::input::{ExpandOptions, FetchSettings, Source, SourcePolicy};
 use crate::render::Format;
 
 /// What one run of the command line does.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The sources to classify, folders and patterns expanded, narrowed to
-    /// the shard.
-    pub sources: Vec<Expanded>,
+    /// The sources to classify.
+    pub sources: Sources,
     pub format: Format,
     pub top_k: usize,
     /// Most images in flight at once, from the start of their download
@@ -66,9 +65,19 @@ impl Settings {
     }
 }
 
-/// The sources to classify: the arguments, then `--sources-file`, folders
-/// and patterns expanded, narrowed to `--shard`.
-fn source_list(args: &Args) -> anyhow::Result<Vec<Expanded>> {
+/// The sources as given, and how they become records: expanded (folders
+/// and patterns) as the run goes, then narrowed to the shard. Every shard
+/// expands the whole list, so that they split the same one.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The arguments, then the lines of `--sources-file`.
+    pub inputs: Vec<String>,
+    pub expand: ExpandOptions,
+    pub shard: Option<Shard>,
+}
+
+/// The sources to classify: the arguments, then `--sources-file`.
+fn source_list(args: &Args) -> anyhow::Result<Sources> {
     let mut inputs = args.sources.clone();
     if let Some(path) = &args.sources_file {
         let text = if path.as_os_str() == "-" {
@@ -82,16 +91,5 @@ fn source_list(args: &Args) -> anyhow::Result<Vec<Expanded>> {
         bail!("no sources to classify");
     }
     let shard = args.shard().map_err(anyhow::Error::msg)?;
-    // Every shard expands the whole list, so that they split the same one.
-    let expanded = crate::input::expand(inputs, ExpandOptions { max_depth: args.max_depth.map(|d| d as usize) });
-    let Some(shard) = shard else { return Ok(expanded) };
-    Ok(narrow(expanded, shard))
-}
-
-fn narrow<T>(inputs: Vec<T>, shard: Shard) -> Vec<T> {
-    let total = inputs.len();
-    let mine: Vec<T> =
-        inputs.into_iter().enumerate().filter(|(position, _)| shard.contains(*position)).map(|(_, s)| s).collect();
-    tracing::info!("shard {}/{}: {} of {total} sources", shard.index, shard.count, mine.len());
-    mine
+    Ok(Sources { inputs, expand: ExpandOptions { max_depth: args.max_depth.map(|d| d as usize) }, shard })
 }

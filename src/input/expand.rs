@@ -1,6 +1,8 @@
 //! Sources that stand for many: a folder is the image files under it, a
-//! pattern the files it matches. Expanded once, before sharding, into the
-//! list of paths (strings, not images), each with its own record.
+//! pattern the files it matches. Expanded lazily, into paths (strings, not
+//! images), each with its own record: a folder of a million files is walked
+//! as its images are classified, and the first records print before the
+//! walk is over.
 //!
 //! - A folder is walked recursively (`walkdir`) in sorted path order,
 //!   skipping hidden files and folders (a name starting with `.`) and every
@@ -9,7 +11,8 @@
 //! - A local path that does not exist and holds `*`, `?` or `[` is a
 //!   pattern (`glob`: `**` crosses folders), expanded in sorted order to the
 //!   files it matches, whatever their extension; `*` and `?` do not match a
-//!   leading `.`.
+//!   leading `.`. Its matches are listed (as paths) before the first is
+//!   handed on, since `**` does not walk in sorted order.
 //! - Anything else (a URL, a file, a path that is neither) stays as given.
 
 use std::path::Path;
@@ -31,80 +34,136 @@ pub struct ExpandOptions {
 /// is an error from the start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expanded {
-    Source(String),
-    Failed { source: String, reason: String },
+    /// A source as the user gave it.
+    Given(String),
+    /// A file found in a folder or by a pattern.
+    Found(String),
+    Failed {
+        source: String,
+        reason: String,
+    },
 }
 
 impl Expanded {
     /// The record's `source`.
     pub fn source(&self) -> &str {
         match self {
-            Expanded::Source(source) | Expanded::Failed { source, .. } => source,
+            Expanded::Given(source) | Expanded::Found(source) | Expanded::Failed { source, .. } => source,
         }
     }
 }
 
-/// Expands every folder and pattern among `inputs`, in their order.
-pub fn expand(inputs: Vec<String>, options: ExpandOptions) -> Vec<Expanded> {
-    let mut out = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let Ok(Source::Path(path)) = Source::parse(&input) else {
-            out.push(Expanded::Source(input));
-            continue;
-        };
-        if path.is_dir() {
-            walk(&input, &path, options, &mut out);
-        } else if !path.exists() && input.contains(['*', '?', '[']) {
-            matches(&input, &mut out);
-        } else {
-            out.push(Expanded::Source(input));
-        }
-    }
-    out
+/// Expands every folder and pattern among `inputs`, in their order, as the
+/// entries are asked for.
+pub fn expand(inputs: Vec<String>, options: ExpandOptions) -> Expansion {
+    Expansion { inputs: inputs.into_iter(), options, current: Current::Idle }
 }
 
-fn walk(input: &str, root: &Path, options: ExpandOptions, out: &mut Vec<Expanded>) {
-    let before = out.len();
-    let mut walker = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
-    if let Some(depth) = options.max_depth {
-        walker = walker.max_depth(depth);
-    }
-    // The folder itself may be hidden: the user named it.
-    for entry in walker.into_iter().filter_entry(|e| e.depth() == 0 || !is_hidden(e.file_name())) {
-        match entry {
-            Ok(entry) if entry.file_type().is_file() && is_image(entry.path()) => {
-                out.push(Expanded::Source(name(entry.path())));
+/// The entries `inputs` expand to, in order; see [`expand`].
+pub struct Expansion {
+    inputs: std::vec::IntoIter<String>,
+    options: ExpandOptions,
+    current: Current,
+}
+
+/// What the input being expanded has left to give.
+enum Current {
+    Idle,
+    Walk(Walk),
+    Listed(std::vec::IntoIter<Expanded>),
+}
+
+impl Iterator for Expansion {
+    type Item = Expanded;
+
+    fn next(&mut self) -> Option<Expanded> {
+        loop {
+            let next = match &mut self.current {
+                Current::Idle => None,
+                Current::Walk(walk) => walk.next(),
+                Current::Listed(list) => list.next(),
+            };
+            if next.is_some() {
+                return next;
             }
-            Ok(_) => {}
-            Err(e) => {
-                let source = e.path().map_or_else(|| input.to_string(), name);
-                let reason = match e.io_error() {
-                    Some(io) => format!("cannot read folder: {io}"),
-                    None => format!("cannot read folder: {e}"),
-                };
-                out.push(Expanded::Failed { source, reason });
-            }
+            let input = self.inputs.next()?;
+            self.current = match Source::parse(&input) {
+                Ok(Source::Path(path)) if path.is_dir() => Current::Walk(Walk::new(input, &path, self.options)),
+                Ok(Source::Path(path)) if !path.exists() && input.contains(['*', '?', '[']) => {
+                    Current::Listed(matches(&input).into_iter())
+                }
+                _ => {
+                    self.current = Current::Idle;
+                    return Some(Expanded::Given(input));
+                }
+            };
         }
-    }
-    if out.len() == before {
-        out.push(Expanded::Failed { source: input.to_string(), reason: "no images in this folder".into() });
     }
 }
 
-fn matches(pattern: &str, out: &mut Vec<Expanded>) {
+/// A folder being walked.
+struct Walk {
+    input: String,
+    entries: walkdir::FilterEntry<walkdir::IntoIter, fn(&walkdir::DirEntry) -> bool>,
+    /// Whether the walk has given an entry yet.
+    gave: bool,
+}
+
+impl Walk {
+    fn new(input: String, root: &Path, options: ExpandOptions) -> Walk {
+        let mut walker = walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name();
+        if let Some(depth) = options.max_depth {
+            walker = walker.max_depth(depth);
+        }
+        // The folder itself may be hidden: the user named it.
+        let shown: fn(&walkdir::DirEntry) -> bool = |e| e.depth() == 0 || !is_hidden(e.file_name());
+        Walk { input, entries: walker.into_iter().filter_entry(shown), gave: false }
+    }
+}
+
+impl Iterator for Walk {
+    type Item = Expanded;
+
+    fn next(&mut self) -> Option<Expanded> {
+        for entry in &mut self.entries {
+            let found = match entry {
+                Ok(entry) if entry.file_type().is_file() && is_image(entry.path()) => {
+                    Expanded::Found(name(entry.path()))
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let source = e.path().map_or_else(|| self.input.clone(), name);
+                    let reason = match e.io_error() {
+                        Some(io) => format!("cannot read folder: {io}"),
+                        None => format!("cannot read folder: {e}"),
+                    };
+                    Expanded::Failed { source, reason }
+                }
+            };
+            self.gave = true;
+            return Some(found);
+        }
+        if self.gave {
+            return None;
+        }
+        self.gave = true;
+        Some(Expanded::Failed { source: self.input.clone(), reason: "no images in this folder".into() })
+    }
+}
+
+fn matches(pattern: &str) -> Vec<Expanded> {
     let options =
         glob::MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: true };
     let paths = match glob::glob_with(pattern, options) {
         Ok(paths) => paths,
         Err(e) => {
-            out.push(Expanded::Failed { source: pattern.to_string(), reason: format!("invalid pattern: {e}") });
-            return;
+            return vec![Expanded::Failed { source: pattern.to_string(), reason: format!("invalid pattern: {e}") }];
         }
     };
     let mut found = vec![];
     for path in paths {
         match path {
-            Ok(path) if path.is_file() => found.push(Expanded::Source(name(&path))),
+            Ok(path) if path.is_file() => found.push(Expanded::Found(name(&path))),
             Ok(_) => {}
             Err(e) => found.push(Expanded::Failed {
                 source: name(e.path()),
@@ -113,12 +172,12 @@ fn matches(pattern: &str, out: &mut Vec<Expanded>) {
         }
     }
     if found.is_empty() {
-        out.push(Expanded::Failed { source: pattern.to_string(), reason: "no file matches the pattern".into() });
+        return vec![Expanded::Failed { source: pattern.to_string(), reason: "no file matches the pattern".into() }];
     }
     // glob yields each folder's entries in order; sorting the whole list
     // puts the records in path order whatever `**` crossed.
     found.sort_by(|a, b| Path::new(a.source()).cmp(Path::new(b.source())));
-    out.extend(found);
+    found
 }
 
 fn is_hidden(name: &std::ffi::OsStr) -> bool {
@@ -171,11 +230,16 @@ mod tests {
         (dir, root)
     }
 
+    fn expand(inputs: Vec<String>, options: ExpandOptions) -> Vec<Expanded> {
+        super::expand(inputs, options).collect()
+    }
+
     fn sources(expanded: &[Expanded], root: &str) -> Vec<String> {
         expanded
             .iter()
             .map(|e| match e {
-                Expanded::Source(s) => s.strip_prefix(root).unwrap().to_string(),
+                Expanded::Found(s) => s.strip_prefix(root).unwrap().to_string(),
+                Expanded::Given(s) => format!("given {s}"),
                 Expanded::Failed { source, reason } => format!("{source}: {reason}"),
             })
             .collect()
@@ -203,6 +267,20 @@ mod tests {
         );
         // A trailing slash gives the same paths.
         assert_eq!(expand(vec![format!("{root}/")], ExpandOptions::default()), all);
+    }
+
+    #[test]
+    fn a_folder_is_walked_as_its_entries_are_asked_for() {
+        let dir = tempdir::Dir::new("lazy");
+        dir.write("a/1.jpg");
+        std::fs::create_dir_all(dir.path().join("z")).unwrap();
+        let root = dir.path().to_str().unwrap().to_string();
+        let mut expansion = super::expand(vec![root.clone()], ExpandOptions::default());
+        assert_eq!(expansion.next(), Some(Expanded::Found(format!("{root}/a/1.jpg"))));
+        // Not read yet: a file written now is found.
+        dir.write("z/2.jpg");
+        assert_eq!(expansion.next(), Some(Expanded::Found(format!("{root}/z/2.jpg"))));
+        assert_eq!(expansion.next(), None);
     }
 
     #[test]
@@ -265,8 +343,8 @@ mod tests {
             format!("{root}/sub/deeper/*.bmp"),
         ];
         let expanded = expand(inputs.clone(), ExpandOptions::default());
-        let mut expected: Vec<Expanded> = inputs[..5].iter().cloned().map(Expanded::Source).collect();
-        expected.push(Expanded::Source(format!("{root}/sub/deeper/img_002.bmp")));
+        let mut expected: Vec<Expanded> = inputs[..5].iter().cloned().map(Expanded::Given).collect();
+        expected.push(Expanded::Found(format!("{root}/sub/deeper/img_002.bmp")));
         assert_eq!(expanded, expected);
     }
 
