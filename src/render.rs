@@ -21,7 +21,8 @@ pub type Outcome = Result<Vec<Prediction>, SourceError>;
 
 #[derive(Serialize)]
 struct JsonPrediction<'a> {
-    label: &'a str,
+    /// `null` when there are no labels.
+    label: Option<&'a str>,
     index: usize,
     score: f64,
 }
@@ -48,7 +49,7 @@ pub fn render(format: Format, source: &str, outcome: &Outcome) -> String {
                     source,
                     predictions: predictions
                         .iter()
-                        .map(|p| JsonPrediction { label: &p.label, index: p.index, score: round(p.score) })
+                        .map(|p| JsonPrediction { label: p.label.as_deref(), index: p.index, score: round(p.score) })
                         .collect(),
                 },
                 Err(error) => JsonRecord::Error { source, error: error.to_string() },
@@ -62,7 +63,10 @@ pub fn render(format: Format, source: &str, outcome: &Outcome) -> String {
             match outcome {
                 Ok(predictions) => {
                     for p in predictions {
-                        let _ = writeln!(out, "  {:.4}  {} ({})", p.score, p.label, p.index);
+                        let _ = match &p.label {
+                            Some(label) => writeln!(out, "  {:.4}  {label} ({})", p.score, p.index),
+                            None => writeln!(out, "  {:.4}  class {}", p.score, p.index),
+                        };
                     }
                 }
                 Err(error) => {
@@ -80,8 +84,8 @@ mod tests {
 
     fn robin() -> Outcome {
         Ok(vec![
-            Prediction { index: 484, label: "Turdus migratorius".into(), score: 0.953125 },
-            Prediction { index: 12, label: "Sialia \"eastern\" bluebird".into(), score: 0.81 },
+            Prediction { index: 484, label: Some("Turdus migratorius".into()), score: 0.953125 },
+            Prediction { index: 12, label: Some("Sialia \"eastern\" bluebird".into()), score: 0.81 },
         ])
     }
 
@@ -99,6 +103,16 @@ mod tests {
             &Err(SourceError::from(crate::input::FetchError::Status(reqwest::StatusCode::NOT_FOUND))),
         );
         assert_eq!(line, "{\"source\":\"a.jpg\",\"error\":\"HTTP 404 Not Found\"}\n");
+    }
+
+    #[test]
+    fn without_labels_a_class_is_its_index() {
+        let unnamed = Ok(vec![Prediction { index: 7, label: None, score: 0.5 }]);
+        assert_eq!(
+            render(Format::Json, "a.jpg", &unnamed),
+            "{\"source\":\"a.jpg\",\"predictions\":[{\"label\":null,\"index\":7,\"score\":0.5}]}\n"
+        );
+        assert_eq!(render(Format::Text, "a.jpg", &unnamed), "a.jpg\n  0.5000  class 7\n");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use classifier::deadline::Deadline;
 use classifier::engine::{Engine, EngineSettings, ErrorKind, Input, LoadError, Request, SourceError, WhenFull};
 use classifier::input::{FetchSettings, Fetcher, Source, SourcePolicy};
+use classifier::rank::Scores;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use wiremock::matchers::path;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -46,7 +47,9 @@ fn settings(server: &MockServer) -> EngineSettings {
     EngineSettings {
         model: vec![Source::parse(&format!("{}/model.tflite", server.uri())).unwrap()],
         model_input: None,
-        labels: Source::parse(&format!("{}/labels.csv", server.uri())).unwrap(),
+        labels: Some(Source::parse(&format!("{}/labels.csv", server.uri())).unwrap()),
+        normalization: None,
+        scores: Scores::Auto,
         threads: 2,
         batch_size: 4,
         queue: 8,
@@ -79,9 +82,9 @@ async fn one_engine_classifies_uploads_and_urls_and_counts_what_it_did() {
 
     let red = engine.classify(upload([250, 10, 10]), WAIT).await.unwrap();
     assert_eq!(red.len(), 3);
-    assert_eq!((red[0].label.as_str(), red[0].index), ("red", 0));
+    assert_eq!((red[0].label.as_deref(), red[0].index), (Some("red"), 0));
     let blue = Source::parse(&format!("{}/blue.png", server.uri())).unwrap();
-    assert_eq!(engine.classify(Input::Source(blue), WAIT).await.unwrap()[0].label, "blue");
+    assert_eq!(engine.classify(Input::Source(blue), WAIT).await.unwrap()[0].label.as_deref(), Some("blue"));
     let gone = Source::parse(&format!("{}/gone.png", server.uri())).unwrap();
     let err = engine.classify(Input::Source(gone), WAIT).await.unwrap_err();
     assert_eq!(err.to_string(), "HTTP 404 Not Found");
@@ -131,7 +134,7 @@ async fn a_full_queue_refuses_a_caller_that_will_not_wait() {
     let requests = server.received_requests().await.unwrap();
     assert!(requests.iter().all(|r| r.url.path() != "/green.png"), "fetched for a full queue");
     // The one that found room is classified once the model is there.
-    assert_eq!(first.await.unwrap().unwrap()[0].label, "red");
+    assert_eq!(first.await.unwrap().unwrap()[0].label.as_deref(), Some("red"));
 }
 
 #[tokio::test]

@@ -137,3 +137,78 @@ fn records_are_the_same_whatever_the_threads_batches_and_concurrency() {
         assert!(differ.is_none(), "{extra:?} changed a record: {differ:?}");
     }
 }
+
+/// Runs the binary as a user would, with `args`, on every image of
+/// `models/<dir>`'s reference, and checks each against it: the top-1 class
+/// (and its label), and its score within `tolerance`.
+fn check_as_a_user(dir: &Path, model: &str, args: &[&str], tolerance: f64) {
+    let folder = dir.join("models").join(model.split('/').next().unwrap());
+    let reference = std::fs::read_to_string(folder.join("reference.jsonl")).unwrap();
+    let expected: Vec<Value> = reference.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let images: Vec<PathBuf> =
+        expected.iter().map(|e| dir.join("models/images").join(e["image"].as_str().unwrap())).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
+        .args(["--no-cache", "--format", "json", "--top-k", "5", "--model"])
+        .arg(dir.join("models").join(model))
+        .args(args)
+        .args(&images)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{model} {args:?}: {stderr}");
+    assert!(!stderr.contains("WARN"), "{model} {args:?} warned: {stderr}");
+    let records: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(records.len(), expected.len());
+    for (record, expected) in records.iter().zip(&expected) {
+        let name = expected["image"].as_str().unwrap();
+        let (got, want) = (&record["predictions"][0], &expected["top"][0]);
+        assert_eq!(got["index"], want["id"], "{model}, {name}: top-1 differs from the reference: {record}");
+        assert_eq!(got["label"], want["label"], "{model}, {name}: the label differs");
+        let (got, want) = (got["score"].as_f64().unwrap(), want["score"].as_f64().unwrap());
+        assert!((got - want).abs() <= tolerance, "{model}, {name}: score {got} vs reference {want}");
+    }
+    assert!(records.len() >= 3, "only {} reference images", records.len());
+}
+
+#[test]
+fn float_model_with_raw_pixels_and_logits_agrees_with_the_reference() {
+    let Some(dir) = shared() else { return };
+    // Its input is raw pixels in [0, 255], which only the user can say; its
+    // output logits, which the tool turns into probabilities by itself.
+    let labels = dir.join("models/flowers_float_logits/labels.txt");
+    let labels = labels.to_str().unwrap();
+    let model = "flowers_float_logits/flower_model.tflite";
+    check_as_a_user(&dir, model, &["--labels", labels, "--mean", "0", "--std", "1"], 0.02);
+}
+
+#[test]
+fn float_model_with_metadata_needs_no_option() {
+    let Some(dir) = shared() else { return };
+    // Normalization and labels come from the model's metadata.
+    check_as_a_user(&dir, "mobilenet_v1_float_metadata/mobilenet_v1_0.25_224_1_metadata_1.tflite", &[], 0.02);
+}
+
+#[test]
+fn int8_input_model_agrees_with_the_reference() {
+    let Some(dir) = shared() else { return };
+    let labels = dir.join("models/vww_int8/labels.txt");
+    check_as_a_user(&dir, "vww_int8/vww_96_int8.tflite", &["--labels", labels.to_str().unwrap()], 0.05);
+}
+
+#[test]
+fn a_quantized_input_keeps_its_quantization_over_its_metadata() {
+    let Some(dir) = shared() else { return };
+    // The birds model's metadata says (pixel - 127.5) / 127.5; its uint8
+    // input (scale 1/128, zero point 128) takes the pixel as it is, which is
+    // (pixel - 128) / 128 in real values.
+    let model = Model::from_bytes(&std::fs::read(dir.join("birds/model.tflite")).unwrap(), 1).unwrap();
+    assert_eq!(model.input().normalization, classifier::model::Normalization::uniform(1.0 / 128.0, -1.0));
+    let labels = model.embedded_labels().unwrap();
+    assert_eq!(labels.name, "probability-labels-en.txt", "the English labels, not the /m/ ids");
+    let labels = classifier::labels::Labels::parse(&labels.bytes).unwrap();
+    let csv = classifier::labels::Labels::parse(&std::fs::read(dir.join("birds/labels.csv")).unwrap()).unwrap();
+    assert_eq!(labels.len(), 965);
+    assert_eq!(labels.get(484), csv.get(484), "the embedded labels name the classes as the label map does");
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::input::cache::Cache;
+use crate::rank::Scores;
 use crate::render::Format;
 
 /// Kaggle's download endpoint for Google's AIY birds V1 classifier, version
@@ -67,8 +68,31 @@ pub struct Args {
     pub model: Option<String>,
 
     /// The label map: a CSV with an `id,name` header, or one label a line.
-    #[arg(long, value_name = "URL|PATH", default_value = DEFAULT_LABELS_URL)]
-    pub labels: String,
+    /// [default: for the default model, its AIY label map; for a model given
+    /// with --model, the label file embedded in it, else none (classes are
+    /// named by index)]
+    #[arg(long, value_name = "URL|PATH")]
+    pub labels: Option<String>,
+
+    /// The pixel mean, subtracted from each pixel in [0, 255] before it is
+    /// divided by --std: one value, or one per channel (R,G,B). With --std it
+    /// takes the place of the model's own normalization (its metadata's, its
+    /// quantization's, else the guess 127.5).
+    #[arg(long, value_name = "M[,M,M]", requires = "std", allow_hyphen_values = true, value_parser = mean)]
+    pub mean: Option<[f32; 3]>,
+
+    /// The pixel standard deviation, by which (pixel - mean) is divided: one
+    /// value, or one per channel (R,G,B). `--mean 0 --std 1` feeds raw
+    /// pixels in [0, 255]; `--mean 0 --std 255` feeds [0, 1].
+    #[arg(long, value_name = "S[,S,S]", requires = "mean", allow_hyphen_values = true, value_parser = std_dev)]
+    pub std: Option<[f32; 3]>,
+
+    /// What the printed scores are: `auto`, a probability (the model's
+    /// outputs when its graph ends in SOFTMAX or LOGISTIC, else their
+    /// softmax); `softmax`, the softmax of the outputs; `raw`, the outputs as
+    /// the model gives them.
+    #[arg(long, value_enum, default_value_t = Scores::Auto)]
+    pub scores: Scores,
 
     /// How many predictions to print per image.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -174,6 +198,23 @@ impl std::str::FromStr for Shard {
     }
 }
 
+/// One value or three, comma-separated, as `--mean` and `--std` take them.
+fn channel_values(s: &str, what: &str) -> Result<[f32; 3], String> {
+    let values = s
+        .split(',')
+        .map(|v| v.trim().parse::<f32>().map_err(|_| format!("{:?} is not a number", v.trim())))
+        .collect::<Result<Vec<f32>, String>>()?;
+    crate::model::tflite::channels(&values, what)
+}
+
+fn mean(s: &str) -> Result<[f32; 3], String> {
+    channel_values(s, "mean")
+}
+
+fn std_dev(s: &str) -> Result<[f32; 3], String> {
+    channel_values(s, "std")
+}
+
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
@@ -230,6 +271,34 @@ mod tests {
         for position in 0..100 {
             assert_eq!(shards.iter().filter(|s| s.contains(position)).count(), 1);
         }
+    }
+
+    #[test]
+    fn mean_and_std_take_one_value_or_three() {
+        assert_eq!(mean("0"), Ok([0.0; 3]));
+        assert_eq!(mean("123.7, 116.3,103.5"), Ok([123.7, 116.3, 103.5]));
+        assert_eq!(mean("-1"), Ok([-1.0; 3]));
+        assert_eq!(std_dev("58.4,57.1,57.4"), Ok([58.4, 57.1, 57.4]));
+        assert_eq!(mean("1,2").unwrap_err(), "2 values for the mean, expected one or one per channel (R,G,B)");
+        assert_eq!(std_dev("1,0,1").unwrap_err(), "a std of 0 divides by zero");
+        assert_eq!(std_dev("inf").unwrap_err(), "the std inf is not a finite number");
+        assert_eq!(mean("a").unwrap_err(), "\"a\" is not a number");
+        assert_eq!(mean("1,,2").unwrap_err(), "\"\" is not a number");
+        assert!(mean("0").is_ok() && std_dev("0").is_err(), "a mean of 0 is fine, a std of 0 is not");
+    }
+
+    #[test]
+    fn mean_and_std_go_together_and_errors_name_the_option() {
+        let parse = |args: &[&str]| Args::try_parse_from([&["classifier"], args, &["a.jpg"]].concat());
+        let args = parse(&["--mean", "0", "--std", "1"]).unwrap();
+        assert_eq!((args.mean, args.std), (Some([0.0; 3]), Some([1.0; 3])));
+        assert_eq!(args.scores, Scores::Auto);
+        let err = parse(&["--std", "0", "--mean", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--std") && err.contains("divides by zero"), "{err}");
+        let err = parse(&["--mean", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--std"), "{err}");
+        assert_eq!(parse(&["--scores", "raw"]).unwrap().scores, Scores::Raw);
+        assert!(parse(&["--scores", "logits"]).is_err());
     }
 
     #[test]

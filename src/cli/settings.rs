@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use super::args::{self, Args, Shard};
 use crate::engine::EngineSettings;
 use crate::input::{ExpandOptions, FetchSettings, Source, SourcePolicy};
+use crate::model::MeanStd;
 use crate::render::Format;
 
 /// What one run of the command line does.
@@ -36,13 +37,25 @@ impl Settings {
             ),
             Some(model) => (vec![Source::parse(model).context("--model")?], None),
         };
-        let labels = Source::parse(&args.labels).context("--labels")?;
+        // The default model's labels are fetched beside it; a model given
+        // may carry its own.
+        let labels = match (&args.labels, &args.model) {
+            (Some(labels), _) => Some(Source::parse(labels).context("--labels")?),
+            (None, None) => Some(Source::parse(args::DEFAULT_LABELS_URL)?),
+            (None, Some(_)) => None,
+        };
+        let normalization = match (args.mean, args.std) {
+            (Some(mean), Some(std)) => Some(MeanStd { mean, std }),
+            _ => None,
+        };
         let threads = args.threads();
         let batch_size = args.batch_size as usize;
         let engine = EngineSettings {
             model,
             model_input,
             labels,
+            normalization,
+            scores: args.scores,
             threads,
             batch_size,
             // Enough to keep every worker busy with a full batch while the

@@ -27,8 +27,8 @@ pub use pool::WhenFull;
 use crate::deadline::Deadline;
 use crate::input::{FetchError, Fetcher, Source};
 use crate::labels::Labels;
-use crate::model::{InputSpec, Model};
-use crate::rank::{self, Prediction};
+use crate::model::{InputSpec, MeanStd, Model};
+use crate::rank::{self, Prediction, Scores};
 
 /// The most a model or a label map may weigh.
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
@@ -45,7 +45,13 @@ pub struct EngineSettings {
     /// so that images can be resized while the model downloads. Checked
     /// once the model has loaded.
     pub model_input: Option<(u32, u32)>,
-    pub labels: Source,
+    /// The label map; without one, the label file embedded in the model,
+    /// else none (predictions are named by class index).
+    pub labels: Option<Source>,
+    /// How pixels become the model's input, if not as the model says.
+    pub normalization: Option<MeanStd>,
+    /// What the scores of the predictions are.
+    pub scores: Scores,
     /// Inference workers, also the threads that prepare the model, and the
     /// most decodes at once.
     pub threads: usize,
@@ -84,7 +90,10 @@ pub struct Loaded {
     pub model_source: Source,
     pub input: InputSpec,
     pub classes: usize,
-    pub labels: Labels,
+    /// The class names, if there are any (given, or embedded in the model).
+    pub labels: Option<Labels>,
+    /// Whether the model's outputs are put through a softmax before ranking.
+    pub softmax: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -272,13 +281,16 @@ async fn rank_answer(
     answer: tokio::sync::oneshot::Receiver<Result<Vec<f32>, SourceError>>,
     request: Request,
 ) -> Result<Vec<Prediction>, SourceError> {
-    let scores = prepare::within(request.deadline, answer).await?.map_err(|_| SourceError::Unavailable)??;
+    let mut scores = prepare::within(request.deadline, answer).await?.map_err(|_| SourceError::Unavailable)??;
     let loaded = engine.loaded().ok_or(SourceError::Unavailable)?;
+    if loaded.softmax {
+        rank::softmax(&mut scores);
+    }
     Ok(rank::top_k(&scores, request.top_k)
         .into_iter()
         .map(|index| Prediction {
             index,
-            label: loaded.labels.get(index).unwrap_or_default().to_string(),
+            label: loaded.labels.as_ref().and_then(|labels| labels.get(index)).map(str::to_string),
             score: scores[index],
         })
         .collect())
@@ -299,9 +311,9 @@ async fn load(
             .map_err(LoadError::FetchModel)?;
         let download = started.elapsed();
         let started = Instant::now();
-        let threads = settings.threads.max(1);
+        let (threads, given) = (settings.threads.max(1), settings.normalization);
         let prepared = tokio::task::spawn_blocking(move || {
-            info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::from_bytes(&bytes, threads))
+            info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::prepare(&bytes, threads, given))
         })
         .await
         .map_err(|e| LoadError::Internal(format!("model preparation: {e}")))?;
@@ -317,22 +329,49 @@ async fn load(
         Ok((source, model))
     };
     let labels = async {
-        let name = settings.labels.to_string();
+        let Some(labels) = &settings.labels else { return Ok(None) };
+        let name = labels.to_string();
         let bytes = fetcher
-            .fetch_kept(&settings.labels, MAX_LABELS_BYTES, 1)
+            .fetch_kept(labels, MAX_LABELS_BYTES, 1)
             .await
             .map_err(|error| LoadError::FetchLabels { labels: name.clone(), error: Arc::new(error) })?;
-        Labels::parse(&bytes).map_err(|error| LoadError::Labels { labels: name, error: Arc::new(error) })
+        let parsed =
+            Labels::parse(&bytes).map_err(|error| LoadError::Labels { labels: name.clone(), error: Arc::new(error) });
+        parsed.map(|labels| Some((name, labels)))
     }
     .instrument(info_span!("labels_download"));
-    let ((source, model), labels) = tokio::try_join!(model, labels)?;
-    labels.check_count(model.classes()).map_err(|error| LoadError::LabelsMismatch {
-        labels: settings.labels.to_string(),
-        model: source.to_string(),
-        error: Arc::new(error),
-    })?;
+    let ((source, model), given) = tokio::try_join!(model, labels)?;
+    // Labels given win; else the model's own, else none.
+    let labels = match (given, model.embedded_labels()) {
+        (Some(given), _) => Some(given),
+        (None, Some(file)) => {
+            let name = format!("{} embedded in the model {source}", file.name);
+            let parsed = Labels::parse(&file.bytes);
+            let labels = parsed.map_err(|error| LoadError::Labels { labels: name.clone(), error: Arc::new(error) })?;
+            info!(file = %file.name, "labels embedded in the model");
+            Some((name, labels))
+        }
+        (None, None) => {
+            info!("no labels: predictions are named by their class index");
+            None
+        }
+    };
+    if let Some((name, labels)) = &labels {
+        labels.check_count(model.classes()).map_err(|error| LoadError::LabelsMismatch {
+            labels: name.clone(),
+            model: source.to_string(),
+            error: Arc::new(error),
+        })?;
+    }
+    let softmax = settings.scores.softmax(model.gives_probabilities());
     let input = model.input();
-    info!(classes = model.classes(), width = input.width, height = input.height, "model ready");
-    let loaded = Loaded { model_source: source, input, classes: model.classes(), labels };
+    info!(classes = model.classes(), width = input.width, height = input.height, softmax, "model ready");
+    let loaded = Loaded {
+        model_source: source,
+        input,
+        classes: model.classes(),
+        labels: labels.map(|(_, labels)| labels),
+        softmax,
+    };
     Ok((Arc::new(model), loaded))
 }

@@ -14,7 +14,7 @@ use tract_tflite::prelude::*;
 use kernels::{dense, depthwise};
 pub use tflite::archive::extract_tflite;
 use tflite::{self as dequantize, archive};
-pub use tflite::{DequantizeError, Normalization};
+pub use tflite::{DequantizeError, EmbeddedFile, MeanStd, Normalization};
 
 /// Why a model could not be prepared or run.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +120,8 @@ pub struct Model {
     stages: Vec<Arc<TypedRunnableModel>>,
     input: InputSpec,
     classes: usize,
+    probabilities: bool,
+    labels: Option<EmbeddedFile>,
 }
 
 impl std::fmt::Debug for Model {
@@ -142,9 +144,17 @@ impl Model {
     /// Running the stages one after the other costs nothing measurable (see
     /// BENCHMARKS.md).
     pub fn from_bytes(bytes: &[u8], threads: usize) -> Result<Model, ModelError> {
+        Model::prepare(bytes, threads, None)
+    }
+
+    /// As [`Model::from_bytes`], with pixels normalized as `given` rather
+    /// than as the model says (its metadata, its input's quantization, or
+    /// the MobileNet guess for a float input that says nothing).
+    pub fn prepare(bytes: &[u8], threads: usize, given: Option<MeanStd>) -> Result<Model, ModelError> {
         let started = Instant::now();
         let tflite = extract_tflite(bytes)?;
-        let float = dequantize::dequantize(&tflite, threads.max(1).saturating_mul(2))?;
+        let mut float = dequantize::dequantize(&tflite, threads.max(1).saturating_mul(2), given)?;
+        let (probabilities, labels) = (float.probabilities, float.labels.take());
         let prepare = |index: usize| {
             let stage = float.stage(index);
             guarded(move || {
@@ -197,7 +207,7 @@ impl Model {
         }
         let (input, classes) = classifier_shape(&stages, float.normalization)?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, stages = stages.len(), "model prepared");
-        Ok(Model { stages, input, classes })
+        Ok(Model { stages, input, classes, probabilities, labels })
     }
 
     pub fn input(&self) -> InputSpec {
@@ -207,6 +217,18 @@ impl Model {
     /// How many classes the model scores.
     pub fn classes(&self) -> usize {
         self.classes
+    }
+
+    /// Whether its scores already are probabilities: the graph ends in
+    /// SOFTMAX or LOGISTIC (else they are logits, or anything).
+    pub fn gives_probabilities(&self) -> bool {
+        self.probabilities
+    }
+
+    /// The label file its metadata names for the output, from the zip
+    /// appended to the model.
+    pub fn embedded_labels(&self) -> Option<&EmbeddedFile> {
+        self.labels.as_ref()
     }
 
     /// Scores a batch of images, each `input().image_bytes()` of 8-bit RGB at
@@ -243,7 +265,12 @@ impl Session {
         let per_image = self.input.image_bytes();
         anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
         let shape = (1, height as usize, width as usize, 3);
-        let data: Vec<f32> = image.iter().map(|&p| p as f32 * n.scale + n.offset).collect();
+        let mut data = vec![0f32; per_image];
+        for (real, pixel) in data.chunks_exact_mut(3).zip(image.chunks_exact(3)) {
+            for c in 0..3 {
+                real[c] = pixel[c] as f32 * n.scale[c] + n.offset[c];
+            }
+        }
         let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
         let mut outputs = tvec!(input.into());
         for state in &mut self.states {

@@ -11,7 +11,9 @@
 //! The steps, a file each, in the order a model goes through them:
 //!
 //! - `archive`: finds the flatbuffer, alone or in a gzip'd tar;
-//! - `read`: verifies the untrusted flatbuffer and reads a checked graph;
+//! - `read`: verifies the untrusted flatbuffer and reads a checked graph,
+//!   with its metadata (`metadata`) and the label file that names, from the
+//!   zip appended to the flatbuffer (`zip`);
 //! - `rewrite`: the float32 rewrite, operator by operator;
 //! - `stages`: cuts the rebuilt graph into stages of about equal cost;
 //! - `write`: the rebuilt graph and its serialization, stage by stage.
@@ -19,11 +21,13 @@
 //! `quant` holds the quantization parameters and arithmetic they all share.
 
 pub mod archive;
+mod metadata;
 mod quant;
 mod read;
 mod rewrite;
 mod stages;
 mod write;
+mod zip;
 
 use read::Graph;
 use write::Rebuilt;
@@ -37,6 +41,10 @@ pub enum DequantizeError {
     Malformed(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    #[error("malformed TFLite metadata: {0}")]
+    Metadata(String),
+    #[error("the label file embedded in the model: {0}")]
+    EmbeddedLabels(String),
 }
 
 type Result<T> = std::result::Result<T, DequantizeError>;
@@ -49,18 +57,71 @@ fn unsupported(msg: impl Into<String>) -> DequantizeError {
     DequantizeError::Unsupported(msg.into())
 }
 
-/// How the model reads a pixel: `real = pixel * scale + offset`, applied to
-/// every 8-bit channel value before it enters the float network.
+/// How the model reads a pixel: `real = pixel * scale[c] + offset[c]` for
+/// the 8-bit value of channel `c` (R, G, B), applied to every pixel before
+/// it enters the float network.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Normalization {
-    pub scale: f32,
-    pub offset: f32,
+    pub scale: [f32; 3],
+    pub offset: [f32; 3],
 }
 
 impl Normalization {
-    /// The MobileNet convention, `[0, 255] -> [-1, 1]`, for float models that
-    /// carry no quantization to derive it from.
-    pub const MINUS_ONE_TO_ONE: Normalization = Normalization { scale: 1.0 / 127.5, offset: -1.0 };
+    /// The same for every channel.
+    pub const fn uniform(scale: f32, offset: f32) -> Normalization {
+        Normalization { scale: [scale; 3], offset: [offset; 3] }
+    }
+}
+
+impl From<MeanStd> for Normalization {
+    fn from(given: MeanStd) -> Normalization {
+        let channel = |c: usize| (1.0 / given.std[c], -given.mean[c] / given.std[c]);
+        let [(s0, o0), (s1, o1), (s2, o2)] = [channel(0), channel(1), channel(2)];
+        Normalization { scale: [s0, s1, s2], offset: [o0, o1, o2] }
+    }
+}
+
+/// A normalization as TFLite metadata's NormalizationOptions (and the
+/// command line's `--mean`, `--std`) give it: `input = (pixel - mean) / std`
+/// per channel (R, G, B), the pixel in [0, 255].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeanStd {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl MeanStd {
+    /// The MobileNet convention, `[0, 255] -> [-1, 1]`.
+    pub const MOBILENET: MeanStd = MeanStd { mean: [127.5; 3], std: [127.5; 3] };
+
+    /// From one value for every channel or one per channel, each: every
+    /// value finite, no std zero.
+    pub fn new(mean: &[f32], std: &[f32]) -> std::result::Result<MeanStd, String> {
+        Ok(MeanStd { mean: channels(mean, "mean")?, std: channels(std, "std")? })
+    }
+}
+
+/// Three channel values from one or three, checked as a `what` (mean or std).
+pub fn channels(values: &[f32], what: &str) -> std::result::Result<[f32; 3], String> {
+    let values = match *values {
+        [v] => [v; 3],
+        [r, g, b] => [r, g, b],
+        _ => return Err(format!("{} values for the {what}, expected one or one per channel (R,G,B)", values.len())),
+    };
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(format!("the {what} {bad} is not a finite number"));
+    }
+    if what == "std" && values.contains(&0.0) {
+        return Err("a std of 0 divides by zero".into());
+    }
+    Ok(values)
+}
+
+/// A file the model carries in the zip appended to it, named by its metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddedFile {
+    pub name: String,
+    pub bytes: Vec<u8>,
 }
 
 /// A float32 rebuild of a model, ready for tract, as stages run one after
@@ -68,8 +129,13 @@ impl Normalization {
 /// predecessor gives, and the last gives the scores.
 pub(crate) struct FloatModel<'a> {
     stages: Vec<Rebuilt<'a>>,
-    /// The pixel normalisation equivalent to the original input's quantization.
+    /// How pixels become the model's input.
     pub normalization: Normalization,
+    /// Whether the model's outputs already are probabilities (its graph
+    /// ends in SOFTMAX or LOGISTIC).
+    pub probabilities: bool,
+    /// The label file the metadata names for the output.
+    pub labels: Option<EmbeddedFile>,
 }
 
 impl std::fmt::Debug for FloatModel<'_> {
@@ -110,11 +176,25 @@ impl Flatbuffer {
 /// Rebuilds `bytes`, a TFLite model of any quantization, as a float32 model
 /// cut into at most `stages` stages of about equal weight (fewer if the graph
 /// has fewer places where a single tensor flows from one part to the next).
-pub(crate) fn dequantize(bytes: &[u8], stages: usize) -> Result<FloatModel<'_>> {
+/// Pixels are normalized as `given`, else as the model says (see
+/// `Graph::input_normalization`).
+pub(crate) fn dequantize(bytes: &[u8], stages: usize, given: Option<MeanStd>) -> Result<FloatModel<'_>> {
     let graph = Graph::from_bytes(bytes)?;
-    let normalization = graph.input_normalization()?;
+    let normalization = graph.input_normalization(given)?;
+    let probabilities = graph.output_is_probability();
+    let labels = match graph.metadata.as_ref().and_then(|m| m.labels.clone()) {
+        None => None,
+        Some(name) => match zip::find(bytes, &name).map_err(DequantizeError::EmbeddedLabels)? {
+            Some(bytes) => Some(EmbeddedFile { name, bytes }),
+            None => {
+                return Err(DequantizeError::EmbeddedLabels(format!(
+                    "the metadata names {name}, but no zip follows the model"
+                )));
+            }
+        },
+    };
     let stages = graph.rebuild()?.into_stages(stages);
-    Ok(FloatModel { stages, normalization })
+    Ok(FloatModel { stages, normalization, probabilities, labels })
 }
 
 /// The bytes of the small mock model the tests use.
@@ -129,18 +209,18 @@ mod tests {
 
     #[test]
     fn garbage_gives_errors_not_panics() {
-        assert!(matches!(dequantize(b"", 1), Err(DequantizeError::NotTflite)));
-        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"", 1, None), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1, None), Err(DequantizeError::NotTflite)));
         let model = mock_model();
         for len in 0..model.len() {
-            assert!(dequantize(&model[..len], 1).is_err(), "a model cut at {len} bytes was accepted");
+            assert!(dequantize(&model[..len], 1, None).is_err(), "a model cut at {len} bytes was accepted");
         }
         // Every single-byte corruption either fails cleanly or still rebuilds.
         for at in 0..model.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut corrupt = model.clone();
                 corrupt[at] ^= flip;
-                if let Ok(float) = dequantize(&corrupt, 3) {
+                if let Ok(float) = dequantize(&corrupt, 3, None) {
                     (0..float.stages()).for_each(|i| drop(float.stage(i)));
                 }
             }

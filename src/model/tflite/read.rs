@@ -8,8 +8,9 @@
 
 use tract_tflite::tflite::{self, BuiltinOperator, TensorType};
 
+use super::metadata::{self, Metadata};
 use super::quant::Quant;
-use super::{DequantizeError, Normalization, Result, malformed, unsupported};
+use super::{DequantizeError, MeanStd, Normalization, Result, malformed, unsupported};
 
 /// A tensor of the original model, read and checked.
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub(super) struct Graph<'a> {
     pub(super) ops: Vec<SourceOp<'a>>,
     pub(super) inputs: Vec<i32>,
     pub(super) outputs: Vec<i32>,
+    /// The model's TFLite metadata, if it has any.
+    pub(super) metadata: Option<Metadata>,
 }
 
 impl<'a> Graph<'a> {
@@ -44,7 +47,9 @@ impl<'a> Graph<'a> {
             return Err(DequantizeError::NotTflite);
         }
         let model = tflite::root_as_model(bytes).map_err(|e| malformed(e.to_string()))?;
-        Graph::read(&model)
+        let mut graph = Graph::read(&model)?;
+        graph.metadata = metadata::read(&model).map_err(DequantizeError::Metadata)?;
+        Ok(graph)
     }
 
     fn read(model: &tflite::Model<'a>) -> Result<Graph<'a>> {
@@ -126,24 +131,72 @@ impl<'a> Graph<'a> {
             }
             ops.push(SourceOp { code, inputs: op_inputs, outputs: op_outputs, flat: op });
         }
-        Ok(Graph { tensors, ops, inputs, outputs })
+        Ok(Graph { tensors, ops, inputs, outputs, metadata: None })
     }
 
-    /// The pixel normalisation equivalent to the input's quantization.
-    pub(super) fn input_normalization(&self) -> Result<Normalization> {
+    /// How pixels become the model's input: as `given` (by the user), else
+    /// for a quantized input its quantization, which defines the bytes the model
+    /// takes (a normalization in its metadata describes the float model it
+    /// was quantized from, and agrees with it or is beside the point); for a
+    /// float input, the metadata's normalization, else the MobileNet
+    /// convention, with a warning.
+    pub(super) fn input_normalization(&self, given: Option<MeanStd>) -> Result<Normalization> {
         let [input] = self.inputs[..] else {
             return Err(unsupported(format!("{} inputs, an image classifier has one", self.inputs.len())));
         };
         let t = &self.tensors[input as usize];
+        if let Some(given) = given {
+            return match t.ty {
+                TensorType::FLOAT32 | TensorType::UINT8 | TensorType::INT8 => Ok(Normalization::from(given)),
+                ty => Err(unsupported(format!("input of type {ty:?}"))),
+            };
+        }
+        let described = self.metadata.as_ref().and_then(|m| m.normalization);
         match (t.ty, &t.quant) {
-            (TensorType::FLOAT32, _) => Ok(Normalization::MINUS_ONE_TO_ONE),
+            (TensorType::FLOAT32, _) => match described {
+                Some(given) => {
+                    tracing::debug!(?given, "input normalization from the model's metadata");
+                    Ok(Normalization::from(given))
+                }
+                None => {
+                    tracing::warn!(
+                        "the model's float input comes with no normalization: guessing (pixel - 127.5) / 127.5, \
+                         the MobileNet convention; pass --mean and --std if it was trained otherwise \
+                         (--mean 0 --std 1 for pixels in [0, 255], --mean 0 --std 255 for [0, 1])"
+                    );
+                    Ok(Normalization::from(MeanStd::MOBILENET))
+                }
+            },
             (TensorType::UINT8 | TensorType::INT8, Some(q)) => {
                 let (scale, zp) = q.single().ok_or_else(|| unsupported("per-axis quantized input"))?;
                 // An int8 input holds the pixel shifted down by 128.
                 let shift = if t.ty == TensorType::INT8 { -128.0 } else { 0.0 };
-                Ok(Normalization { scale, offset: (shift - zp as f32) * scale })
+                Ok(Normalization::uniform(scale, (shift - zp as f32) * scale))
             }
             (ty, _) => Err(unsupported(format!("input of type {ty:?}"))),
         }
+    }
+
+    /// Whether the graph's output already is a probability per class: it
+    /// comes from a SOFTMAX or a LOGISTIC, maybe through ops that only
+    /// change its type or shape.
+    pub(super) fn output_is_probability(&self) -> bool {
+        let [mut tensor] = self.outputs[..] else { return false };
+        // Each step goes back one op: at most as many steps as ops.
+        for _ in 0..=self.ops.len() {
+            let Some(op) = self.ops.iter().find(|op| op.outputs.contains(&tensor)) else { return false };
+            match op.code {
+                BuiltinOperator::SOFTMAX | BuiltinOperator::LOGISTIC => return true,
+                BuiltinOperator::QUANTIZE
+                | BuiltinOperator::DEQUANTIZE
+                | BuiltinOperator::RESHAPE
+                | BuiltinOperator::SQUEEZE => match op.inputs.first() {
+                    Some(&input) if input >= 0 => tensor = input,
+                    _ => return false,
+                },
+                _ => return false,
+            }
+        }
+        false
     }
 }

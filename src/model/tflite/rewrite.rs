@@ -381,8 +381,9 @@ mod tests {
     #[test]
     fn rebuild_is_float_with_explicit_activations() {
         let bytes = mock_model();
-        let float = dequantize(&bytes, 1).unwrap();
-        assert_eq!(float.normalization, Normalization { scale: 1.0 / 255.0, offset: 0.0 });
+        let float = dequantize(&bytes, 1, None).unwrap();
+        assert_eq!(float.normalization, Normalization::uniform(1.0 / 255.0, 0.0));
+        assert!(float.probabilities, "the mock model ends in SOFTMAX");
         let stage = float.stage(0);
         let model = tflite::root_as_model(stage.bytes()).unwrap();
         let graph = model.subgraphs().unwrap().get(0);
