@@ -25,6 +25,7 @@ mod rewrite;
 mod stages;
 mod write;
 
+use super::kernels::grid::Grid;
 use read::Graph;
 use write::Rebuilt;
 
@@ -70,6 +71,8 @@ pub(crate) struct FloatModel<'a> {
     stages: Vec<Rebuilt<'a>>,
     /// The pixel normalisation equivalent to the original input's quantization.
     pub normalization: Normalization,
+    /// The 8-bit grids of the activations whose rounding the stages mark.
+    pub grids: Vec<Grid>,
 }
 
 impl std::fmt::Debug for FloatModel<'_> {
@@ -77,6 +80,7 @@ impl std::fmt::Debug for FloatModel<'_> {
         f.debug_struct("FloatModel")
             .field("stages", &self.stages.len())
             .field("normalization", &self.normalization)
+            .field("grids", &self.grids.len())
             .finish()
     }
 }
@@ -110,11 +114,14 @@ impl Flatbuffer {
 /// Rebuilds `bytes`, a TFLite model of any quantization, as a float32 model
 /// cut into at most `stages` stages of about equal weight (fewer if the graph
 /// has fewer places where a single tensor flows from one part to the next).
-pub(crate) fn dequantize(bytes: &[u8], stages: usize) -> Result<FloatModel<'_>> {
+/// With `grids`, the stages mark where the quantized model rounds its
+/// activations to 8 bits (see `rewrite`).
+pub(crate) fn dequantize(bytes: &[u8], stages: usize, grids: bool) -> Result<FloatModel<'_>> {
     let graph = Graph::from_bytes(bytes)?;
     let normalization = graph.input_normalization()?;
-    let stages = graph.rebuild()?.into_stages(stages);
-    Ok(FloatModel { stages, normalization })
+    let (rebuilt, grids) = graph.rebuild(grids)?;
+    let stages = rebuilt.into_stages(stages);
+    Ok(FloatModel { stages, normalization, grids })
 }
 
 /// The bytes of the small mock model the tests use.
@@ -129,18 +136,18 @@ mod tests {
 
     #[test]
     fn garbage_gives_errors_not_panics() {
-        assert!(matches!(dequantize(b"", 1), Err(DequantizeError::NotTflite)));
-        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"", 1, true), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1, true), Err(DequantizeError::NotTflite)));
         let model = mock_model();
         for len in 0..model.len() {
-            assert!(dequantize(&model[..len], 1).is_err(), "a model cut at {len} bytes was accepted");
+            assert!(dequantize(&model[..len], 1, true).is_err(), "a model cut at {len} bytes was accepted");
         }
         // Every single-byte corruption either fails cleanly or still rebuilds.
         for at in 0..model.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut corrupt = model.clone();
                 corrupt[at] ^= flip;
-                if let Ok(float) = dequantize(&corrupt, 3) {
+                if let Ok(float) = dequantize(&corrupt, 3, true) {
                     (0..float.stages()).for_each(|i| drop(float.stage(i)));
                 }
             }
