@@ -11,9 +11,9 @@
 //! stores, and which runs on its own after tract's ops.
 //!
 //! Rounding is to nearest, half away from zero, as TFLite's reference
-//! kernels round (`RoundingDivideByPOT`): XNNPACK, which made the reference
-//! outputs, rounds half to even, but in float sums ties are rare, and the
-//! two gave the same corpus figures (see README).
+//! kernels round (`RoundingDivideByPOT`). XNNPACK, which made the reference
+//! outputs, rounds half to even; a float sum lands on a tie too rarely for
+//! the choice to show (not measured against the other).
 
 use tract_tflite::internal::tract_core::ops::binary::TypedBinOp;
 use tract_tflite::internal::*;
