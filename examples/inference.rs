@@ -3,11 +3,12 @@
 //!
 //! Prints the preparation time on one thread and on every CPU, then the median time per image when one
 //! thread classifies the images one by one, and when every CPU does so at
-//! once on the shared plan.
+//! once on the shared plan. `ARITHMETIC=float` times the model as
+//! `--arithmetic float` runs it (the default is `quantized`).
 
 use std::time::{Duration, Instant};
 
-use classifier::model::Model;
+use classifier::model::{Arithmetic, Model};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -21,12 +22,17 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.len() >= 2, "usage: inference MODEL IMAGE...");
     let bytes = std::fs::read(&args[0])?;
     let threads = std::thread::available_parallelism()?.get();
+    let arithmetic = match std::env::var("ARITHMETIC").as_deref() {
+        Ok("float") => Arithmetic::Float,
+        Ok("quantized") | Err(_) => Arithmetic::Quantized,
+        Ok(other) => anyhow::bail!("ARITHMETIC={other:?}: expected quantized or float"),
+    };
     // Taken in turn, so that both share the machine's noise alike.
     let (mut alone, mut together) = (vec![], vec![]);
     for _ in 0..5 {
         for (n, times) in [(1, &mut alone), (threads, &mut together)] {
             let t = Instant::now();
-            Model::from_bytes(&bytes, n)?;
+            Model::load(&bytes, n, None, arithmetic)?;
             times.push(t.elapsed());
         }
     }
@@ -35,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         median(alone),
         median(together)
     );
-    let model = Model::from_bytes(&bytes, threads)?;
+    let model = Model::load(&bytes, threads, None, arithmetic)?;
     let input = model.input();
     let images: Vec<Vec<u8>> = args[1..]
         .iter()

@@ -128,6 +128,29 @@ async fn classifies_each_image_in_the_order_given() {
 }
 
 #[tokio::test]
+async fn arithmetic_float_turns_the_rounding_off() {
+    let server = server().await;
+    serve(&server, "/red.png", png(RED)).await;
+    let red = format!("{}/red.png", server.uri());
+    // The mock's softmax output is uint8 with a scale of 1/256: by default
+    // its scores move in those steps, as the quantized runtime's do.
+    let on_steps = |records: &[Value]| {
+        let scores = records[0]["predictions"].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap());
+        scores.into_iter().all(|s| (s * 256.0 - (s * 256.0).round()).abs() < 1e-3)
+    };
+    let (code, quantized, stderr) = classify(&server, &[red.as_str()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(on_steps(&quantized), "{quantized:?}");
+    let (code, float, stderr) = classify(&server, &["--arithmetic", "float", red.as_str()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!on_steps(&float), "{float:?}");
+    assert_eq!(top1(&quantized[0]).0, top1(&float[0]).0);
+    let (code, _, stderr) = classify(&server, &["--arithmetic", "int4", red.as_str()]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--arithmetic"), "{stderr}");
+}
+
+#[tokio::test]
 async fn text_output_and_top_k() {
     let server = server().await;
     serve(&server, "/red.png", png(RED)).await;

@@ -45,6 +45,7 @@ async fn server(model_delay: Duration) -> MockServer {
 
 fn settings(server: &MockServer) -> EngineSettings {
     EngineSettings {
+        arithmetic: classifier::model::Arithmetic::default(),
         model: vec![Source::parse(&format!("{}/model.tflite", server.uri())).unwrap()],
         model_input: None,
         labels: Some(Source::parse(&format!("{}/labels.csv", server.uri())).unwrap()),

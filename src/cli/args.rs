@@ -61,6 +61,12 @@ pub struct Args {
     #[arg(long)]
     pub no_exif_orientation: bool,
 
+    /// How a quantized model computes: `quantized` rounds every activation
+    /// to its 8-bit grid, as the quantized runtime does; `float` leaves the
+    /// float32 rebuild unrounded. Float models are unaffected.
+    #[arg(long, value_enum, default_value_t = ArithmeticArg::Quantized)]
+    pub arithmetic: ArithmeticArg,
+
     /// The TFLite classifier: a URL or a path, to a .tflite file or a .tar.gz
     /// holding one. [default: the AIY birds V1 model, from Kaggle, falling
     /// back to TF Hub]
@@ -149,6 +155,13 @@ pub struct Args {
     /// Print a man page or shell completions on stdout, and exit.
     #[arg(long, value_enum, value_name = "KIND", exclusive = true)]
     pub generate: Option<super::Generate>,
+}
+
+/// `--arithmetic`, as clap reads it (the model takes `model::Arithmetic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArithmeticArg {
+    Quantized,
+    Float,
 }
 
 /// Part `index` of `count` of the source list, by position.

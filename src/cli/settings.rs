@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use super::args::{self, Args, Shard};
 use crate::engine::EngineSettings;
 use crate::input::{ExpandOptions, FetchSettings, Source, SourcePolicy};
-use crate::model::MeanStd;
+use crate::model::{Arithmetic, MeanStd};
 use crate::render::Format;
 
 /// What one run of the command line does.
@@ -63,6 +63,10 @@ impl Settings {
             queue: batch_size * threads,
             max_image_bytes: args.max_image_bytes,
             exif_orientation: !args.no_exif_orientation,
+            arithmetic: match args.arithmetic {
+                args::ArithmeticArg::Quantized => Arithmetic::Quantized,
+                args::ArithmeticArg::Float => Arithmetic::Float,
+            },
         };
         // The user names the sources: every file and address is theirs to read.
         let fetch = FetchSettings { timeout: args.timeout(), policy: SourcePolicy::ALLOW_ALL, cache: args.cache() };

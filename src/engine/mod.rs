@@ -27,7 +27,7 @@ pub use pool::WhenFull;
 use crate::deadline::Deadline;
 use crate::input::{FetchError, Fetcher, Source};
 use crate::labels::Labels;
-use crate::model::{InputSpec, MeanStd, Model};
+use crate::model::{Arithmetic, InputSpec, MeanStd, Model};
 use crate::rank::{self, Prediction, Scores};
 
 /// The most a model or a label map may weigh.
@@ -63,6 +63,8 @@ pub struct EngineSettings {
     pub max_image_bytes: u64,
     /// Whether images are turned as their EXIF orientation tag says.
     pub exif_orientation: bool,
+    /// How a quantized model computes.
+    pub arithmetic: Arithmetic,
 }
 
 /// An image to classify.
@@ -311,9 +313,10 @@ async fn load(
             .map_err(LoadError::FetchModel)?;
         let download = started.elapsed();
         let started = Instant::now();
-        let (threads, given) = (settings.threads.max(1), settings.normalization);
+        let (threads, given, arithmetic) = (settings.threads.max(1), settings.normalization, settings.arithmetic);
         let prepared = tokio::task::spawn_blocking(move || {
-            info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::prepare(&bytes, threads, given))
+            info_span!("model_prepare", bytes = bytes.len())
+                .in_scope(|| Model::load(&bytes, threads, given, arithmetic))
         })
         .await
         .map_err(|e| LoadError::Internal(format!("model preparation: {e}")))?;

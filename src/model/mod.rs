@@ -11,6 +11,7 @@ use std::time::Instant;
 use tract_tflite::internal::tract_core::optim::Optimizer;
 use tract_tflite::prelude::*;
 
+use kernels::grid::{self, Grid};
 use kernels::{dense, depthwise};
 pub use tflite::archive::extract_tflite;
 use tflite::{self as dequantize, archive};
@@ -98,6 +99,18 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
     payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned())
 }
 
+/// How a quantized model's arithmetic is carried out in the float plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arithmetic {
+    /// As its authors ran it: every activation the file quantizes is rounded
+    /// to its 8-bit grid, as the quantized runtime rounds it. A float model
+    /// has none to round.
+    #[default]
+    Quantized,
+    /// In float32 throughout, the activations unrounded.
+    Float,
+}
+
 /// What a model expects as input.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InputSpec {
@@ -144,17 +157,25 @@ impl Model {
     /// Running the stages one after the other costs nothing measurable (see
     /// BENCHMARKS.md).
     pub fn from_bytes(bytes: &[u8], threads: usize) -> Result<Model, ModelError> {
-        Model::prepare(bytes, threads, None)
+        Model::load(bytes, threads, None, Arithmetic::default())
     }
 
     /// As [`Model::from_bytes`], with pixels normalized as `given` rather
     /// than as the model says (its metadata, its input's quantization, or
-    /// the MobileNet guess for a float input that says nothing).
-    pub fn prepare(bytes: &[u8], threads: usize, given: Option<MeanStd>) -> Result<Model, ModelError> {
+    /// the MobileNet guess for a float input that says nothing), and with
+    /// the arithmetic given.
+    pub fn load(
+        bytes: &[u8],
+        threads: usize,
+        given: Option<MeanStd>,
+        arithmetic: Arithmetic,
+    ) -> Result<Model, ModelError> {
         let started = Instant::now();
         let tflite = extract_tflite(bytes)?;
-        let mut float = dequantize::dequantize(&tflite, threads.max(1).saturating_mul(2), given)?;
+        let grids = arithmetic == Arithmetic::Quantized;
+        let mut float = dequantize::dequantize(&tflite, threads.max(1).saturating_mul(2), given, grids)?;
         let (probabilities, labels) = (float.probabilities, float.labels.take());
+        let grids = &float.grids;
         let prepare = |index: usize| {
             let stage = float.stage(index);
             guarded(move || {
@@ -165,7 +186,7 @@ impl Model {
                 drop(stage);
                 let model = tflite.model_for_proto_model(&proto)?;
                 drop(proto);
-                optimize(model)?.into_runnable()
+                optimize(model, grids)?.into_runnable()
             })
         };
         let count = float.stages();
@@ -206,7 +227,12 @@ impl Model {
             }
         }
         let (input, classes) = classifier_shape(&stages, float.normalization)?;
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, stages = stages.len(), "model prepared");
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            stages = stages.len(),
+            grids = float.grids.len(),
+            "model prepared"
+        );
         Ok(Model { stages, input, classes, probabilities, labels })
     }
 
@@ -290,13 +316,17 @@ impl Session {
 /// networks it only tries to drop the batch axis, which the input and output
 /// pin, and each try copies the weights. It took over a third of the
 /// preparation's instructions, and inference is as fast without it.
-fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
+///
+/// The marks of a quantized model's grids become their rounding first
+/// (`grids` lists them), so that the tool's ops take it into their stores.
+fn optimize(mut model: TypedModel, grids: &[Grid]) -> TractResult<TypedModel> {
+    let rounded = grid::wire(&mut model, grids)?;
     declutter().optimize(&mut model)?;
     let depthwise = depthwise::fuse(&mut model)?;
     // The nodes it replaced still read what the next pass matches.
     model.compact()?;
     let dense = if dense::has_vector_kernels() { dense::fuse(&mut model)? } else { 0 };
-    tracing::trace!(depthwise, dense, "convolutions replaced by the tool's own");
+    tracing::trace!(rounded, depthwise, dense, "convolutions replaced by the tool's own");
     model.optimize()?;
     Ok(model)
 }
@@ -445,6 +475,24 @@ mod tests {
         let (a, b) = (few.classify(&images).unwrap(), many.classify(&images).unwrap());
         for (a, b) in a.iter().zip(&b) {
             assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6), "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn a_quantized_model_scores_in_its_outputs_steps_unless_asked_for_float() {
+        // The mock's softmax output is uint8 with a scale of 1/256.
+        let images: Vec<Vec<u8>> = (0..8u8)
+            .map(|k| (0..192u8).map(|i| i.wrapping_mul(37).wrapping_add(k.wrapping_mul(29))).collect())
+            .collect();
+        let images: Vec<&[u8]> = images.iter().map(|i| i.as_slice()).collect();
+        let quantized = Model::load(&mock(), 2, None, Arithmetic::Quantized).unwrap().classify(&images).unwrap();
+        let float = Model::load(&mock(), 2, None, Arithmetic::Float).unwrap().classify(&images).unwrap();
+        let on_steps = |s: &f32| (s * 256.0 - (s * 256.0).round()).abs() < 1e-4;
+        assert!(quantized.iter().flatten().all(on_steps), "{quantized:?}");
+        assert!(!float.iter().flatten().all(on_steps), "{float:?}");
+        // The same network, only rounded.
+        for (q, f) in quantized.iter().zip(&float) {
+            assert!(q.iter().zip(f).all(|(q, f)| (q - f).abs() < 0.05), "{q:?} vs {f:?}");
         }
     }
 

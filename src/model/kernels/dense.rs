@@ -20,7 +20,10 @@ use tract_tflite::internal::tract_core::ops::einsum::EinSum;
 use tract_tflite::internal::tract_core::ops::nn::DataFormat;
 use tract_tflite::internal::*;
 
-use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, only_reader, taps};
+use super::fusing::{
+    LANES, clamp, constant, fused_clamp, lanes, multiply_add, only_reader, round_to, store_lanes, taps,
+};
+use super::grid::{Grid, grid_after};
 
 /// Output vectors summed together for the same input pixels: each input
 /// value loaded is used this many times.
@@ -40,6 +43,11 @@ pub struct DenseConv {
     high: f32,
     /// Whether a second input of the output's shape is added after the clamp.
     residual: bool,
+    /// The 8-bit grids of a quantized model (see `grid`): the clamped
+    /// outputs are rounded to the first, and their sums with the residual
+    /// to the second.
+    grid: Option<Grid>,
+    sum_grid: Option<Grid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,7 +149,10 @@ impl Op for DenseConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{:?}, clamp to [{}, {}], residual: {}", self.geometry, self.low, self.high, self.residual)])
+        Ok(vec![format!(
+            "{:?}, clamp to [{}, {}], grid {:?}, residual: {}, grid {:?}",
+            self.geometry, self.low, self.high, self.grid, self.residual, self.sum_grid
+        )])
     }
 
     fn validation(&self) -> Validation {
@@ -444,17 +455,20 @@ fn store<const M: usize, const W: usize>(op: &DenseConv, out: &mut Outputs, p: u
             let at = (p + m) * cout + c0;
             let lanes = (cout - c0).min(LANES);
             let dst = &mut out.dst[at..][..lanes];
-            match out.residual {
-                Some(residual) => {
+            match (out.residual, op.grid.or(op.sum_grid)) {
+                (Some(residual), None) => {
                     for ((o, &s), &r) in dst.iter_mut().zip(sums).zip(&residual[at..][..lanes]) {
                         *o = clamp(s, op.low, op.high) + r;
                     }
                 }
-                None => {
-                    for (o, &s) in dst.iter_mut().zip(sums) {
-                        *o = clamp(s, op.low, op.high);
+                // A quantized model's: one loop, in which the compiler
+                // unswitches the two tests.
+                (Some(residual), Some(_)) => {
+                    for ((o, &s), &r) in dst.iter_mut().zip(sums).zip(&residual[at..][..lanes]) {
+                        *o = round_to(op.sum_grid, round_to(op.grid, clamp(s, op.low, op.high)) + r);
                     }
                 }
+                (None, _) => store_lanes(dst, sums, op.low, op.high, op.grid),
             }
         }
     }
@@ -531,10 +545,18 @@ fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
     };
     let (low, high, after) = fused_clamp(model, last)?;
     last = after;
+    let grid = grid_after(model, last).map(|(grid, after)| {
+        last = after;
+        grid
+    });
     let residual = residual_after(model, last)?;
     if let Some((_, after)) = residual {
         last = after;
     }
+    let sum_grid = residual.and_then(|_| grid_after(model, last)).map(|(grid, after)| {
+        last = after;
+        grid
+    });
     let mut padded_bias = bias;
     padded_bias.resize(g.vectors() * LANES, 0.0);
     let op = DenseConv {
@@ -544,6 +566,8 @@ fn dense_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
         low,
         high,
         residual: residual.is_some(),
+        grid,
+        sum_grid,
     };
     Ok(Some(Found { op, residual: residual.map(|r| r.0), last }))
 }
@@ -681,9 +705,20 @@ fn residual_after(model: &TypedModel, from: OutletId) -> TractResult<Option<(Out
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{RELU6, assert_close, clamp, conv, conv_op, each_geometry, run, values};
+    use super::super::grid::RoundToGrid;
+    use super::super::testing::{
+        RELU6, assert_close, assert_on_grid, clamp, conv, conv_op, each_geometry, run, values,
+    };
     use super::*;
     use tract_tflite::internal::tract_core::ops::math;
+
+    /// The grids of a quantized model's ReLU6 output, and of a sum.
+    fn relu6_grid() -> Grid {
+        Grid::new(6.0 / 255.0, 0, 0, 255).unwrap()
+    }
+    fn sum_grid() -> Grid {
+        Grid::new(0.07, 131, 0, 255).unwrap()
+    }
 
     struct Case {
         batch: usize,
@@ -695,6 +730,9 @@ mod tests {
         clamp: &'static [(&'static str, f32)],
         /// Adds the input to the output, as a residual connection does.
         residual: bool,
+        /// Rounds the clamped output, and the sum, to 8-bit grids, as a
+        /// quantized model's rebuild does.
+        grids: bool,
     }
 
     impl Case {
@@ -708,6 +746,7 @@ mod tests {
                 padding: PaddingSpec::SameUpper,
                 clamp: RELU6,
                 residual: false,
+                grids: false,
             }
         }
 
@@ -727,8 +766,14 @@ mod tests {
         let op = conv_op(case.kernel, case.stride, case.padding.clone(), case.channels, 1);
         let mut wire = conv(&mut model, "conv", x, op);
         wire = clamp(&mut model, "conv", wire, case.clamp);
+        if case.grids {
+            wire = model.wire_node("conv.rounded", RoundToGrid(relu6_grid()), &[wire]).unwrap()[0];
+        }
         if case.residual {
             wire = model.wire_node("residual", math::add(), &[wire, x]).unwrap()[0];
+            if case.grids {
+                wire = model.wire_node("residual.rounded", RoundToGrid(sum_grid()), &[wire]).unwrap()[0];
+            }
         }
         model.select_output_outlets(&[wire]).unwrap();
         crate::model::declutter().optimize(&mut model).unwrap();
@@ -752,10 +797,18 @@ mod tests {
         let ops: Vec<String> = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
         assert_eq!(ops.len(), 2, "{ops:?}");
         let op = ours.nodes().iter().find_map(|n| n.op_as::<DenseConv>()).unwrap().clone();
+        assert_eq!((op.grid.is_some(), op.sum_grid.is_some()), (case.grids, case.grids && case.residual));
+        // With grids, tract's convolution is followed by the tool's own
+        // rounding, which its tests check against the formula.
+        let close = |expected: &[f32], got: &[f32], what: &str| match (case.grids, case.residual) {
+            (false, _) => assert_close(expected, got, what),
+            (true, false) => assert_on_grid(expected, got, relu6_grid().step(), what),
+            (true, true) => assert_on_grid(expected, got, sum_grid().step(), what),
+        };
         let expected = run_plan(tract, &input);
         let mut optimized = ours.clone();
         optimized.optimize().unwrap();
-        assert_close(&expected, &run_plan(optimized, &input), "plan");
+        close(&expected, &run_plan(optimized, &input), "plan");
 
         // Each implementation on its own, one image.
         let g = op.geometry;
@@ -770,7 +823,7 @@ mod tests {
             }
             let mut dst = vec![f32::NAN; per_image_out];
             variant.run(&op, src, &mut dst, residual.as_deref());
-            assert_close(&expected[..per_image_out], &dst, &format!("{variant:?}"));
+            close(&expected[..per_image_out], &dst, &format!("{variant:?}"));
         }
     }
 
@@ -920,6 +973,15 @@ mod tests {
     }
 
     #[test]
+    fn a_quantized_models_rounding_is_fused_after_the_clamp_and_after_the_sum() {
+        check(Case { grids: true, ..Case::new((9, 9), (3, 32), 3, 2) });
+        check(Case { grids: true, ..Case::new((5, 5), (144, 24), 1, 1) });
+        check(Case { grids: true, clamp: &[], ..Case::new((5, 5), (24, 40), 1, 1) });
+        check(Case { grids: true, residual: true, clamp: &[], ..Case::new((4, 6), (32, 32), 1, 1) });
+        check(Case { grids: true, residual: true, batch: 2, ..Case::new((5, 7), (40, 40), 3, 1) });
+    }
+
+    #[test]
     fn a_residual_sum_is_fused_after_the_clamp() {
         check(Case { residual: true, clamp: &[], ..Case::new((4, 6), (32, 32), 1, 1) });
         check(Case { residual: true, ..Case::new((5, 5), (24, 24), 3, 1) });
@@ -931,7 +993,7 @@ mod tests {
     fn compare_with_tract(model: TypedModel, input: &Tensor) -> Vec<String> {
         let mut tract = model.clone();
         tract.optimize().unwrap();
-        let ours = crate::model::optimize(model).unwrap();
+        let ours = crate::model::optimize(model, &[]).unwrap();
         let names = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
         let expected = tract.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap();
         let got = ours.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap();

@@ -15,7 +15,8 @@ use tract_tflite::internal::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSp
 use tract_tflite::internal::tract_core::ops::nn::DataFormat;
 use tract_tflite::internal::*;
 
-use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, taps};
+use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, round_to, store_lanes, taps};
+use super::grid::{Grid, grid_after};
 
 /// Vectors summed at once: enough independent sums to keep the
 /// multiply-add units busy while loads are in flight.
@@ -32,6 +33,9 @@ pub struct DepthwiseConv {
     /// Outputs are clamped to this range; infinite bounds when no clamp was fused.
     low: f32,
     high: f32,
+    /// The 8-bit grid the clamped outputs are rounded to, for a quantized
+    /// model (see `grid`).
+    grid: Option<Grid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,7 +59,7 @@ impl Op for DepthwiseConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{:?}, clamp to [{}, {}]", self.geometry, self.low, self.high)])
+        Ok(vec![format!("{:?}, clamp to [{}, {}], grid {:?}", self.geometry, self.low, self.high, self.grid)])
     }
 
     fn validation(&self) -> Validation {
@@ -298,9 +302,7 @@ fn sum_pixels<const FUSED: bool>(
             }
         }
         for (p, sums) in acc.iter().enumerate() {
-            for (o, &a) in out[p * c + c0..][..LANES].iter_mut().zip(sums) {
-                *o = clamp(a, op.low, op.high);
-            }
+            store_lanes(&mut out[p * c + c0..][..LANES], sums, op.low, op.high, op.grid);
         }
         c0 += LANES;
     }
@@ -357,7 +359,7 @@ fn remaining_channels<const FUSED: bool>(
                 acc = multiply_add::<FUSED>(src[i + ch], op.kernel[k + ch], acc);
             }
         }
-        out[ch] = clamp(acc, op.low, op.high);
+        out[ch] = round_to(op.grid, clamp(acc, op.low, op.high));
     }
 }
 
@@ -392,9 +394,7 @@ fn sum_vectors<const W: usize, const FUSED: bool>(
         }
     }
     for (v, sums) in acc.iter().enumerate() {
-        for (o, &a) in out[c0 + v * LANES..][..LANES].iter_mut().zip(sums) {
-            *o = clamp(a, op.low, op.high);
-        }
+        store_lanes(&mut out[c0 + v * LANES..][..LANES], sums, op.low, op.high, op.grid);
     }
 }
 
@@ -457,19 +457,23 @@ fn depthwise_at(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseC
         return Ok(None);
     }
     let (low, high, last) = fused_clamp(model, OutletId::new(id, 0))?;
+    let (grid, last) = grid_after(model, last).map_or((None, last), |(grid, after)| (Some(grid), after));
     let op = DepthwiseConv {
         geometry,
         kernel: Arc::new(kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
         bias: Arc::new(bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
         low,
         high,
+        grid,
     };
     Ok(Some((op, last)))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{RELU6, assert_close, clamp, conv, conv_op, each_geometry, run, values};
+    use super::super::testing::{
+        RELU6, assert_close, assert_on_grid, clamp, conv, conv_op, each_geometry, round_output, run, values,
+    };
     use super::*;
 
     struct Case {
@@ -533,6 +537,71 @@ mod tests {
             variant.run(&op, &src, &mut dst);
             assert_close(expected, &dst, &format!("{variant:?}"));
         }
+    }
+
+    /// As `check`, with the clamped output rounded to a quantized model's
+    /// ReLU6 grid: tract's convolution then the tool's own rounding (which
+    /// its tests check against the formula), against the rounding fused.
+    fn check_with_grid(case: Case) {
+        let (h, w) = case.size;
+        let input = Tensor::from_shape(&[1, h, w, case.channels], &input(h, w, case.channels)).unwrap();
+        let grid = Grid::new(6.0 / 255.0, 0, 0, 255).unwrap();
+        let mut tract = graph(&case);
+        round_output(&mut tract, grid);
+        crate::model::declutter().optimize(&mut tract).unwrap();
+        let mut ours = tract.clone();
+        tract.optimize().unwrap();
+        assert_eq!(fuse(&mut ours).unwrap(), 1);
+        ours.optimize().unwrap();
+        let ops: Vec<String> = ours.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        assert!(!ops.iter().any(|o| o.contains("RoundToGrid")), "{ops:?}");
+        let op = ours.nodes().iter().find_map(|n| n.op_as::<DepthwiseConv>()).unwrap().clone();
+        assert_eq!(op.grid, Some(grid));
+        let expected = run(tract, &input);
+        let expected = expected.to_plain_array_view::<f32>().unwrap();
+        let expected = expected.as_slice().unwrap();
+        let got = run(ours, &input);
+        assert_on_grid(expected, got.to_plain_array_view::<f32>().unwrap().as_slice().unwrap(), grid.step(), "plan");
+        let src = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        for &variant in Variant::ALL {
+            if !variant.available() {
+                println!("{variant:?} skipped: this CPU lacks it");
+                continue;
+            }
+            let mut dst = vec![f32::NAN; expected.len()];
+            variant.run(&op, &src, &mut dst);
+            assert_on_grid(expected, &dst, grid.step(), &format!("{variant:?}"));
+        }
+    }
+
+    #[test]
+    fn a_quantized_models_rounding_is_fused_into_the_stores() {
+        // Whole vectors of pixels, single pixels at the edges, and channels
+        // past the last whole vector: each store.
+        check_with_grid(Case {
+            size: (7, 9),
+            channels: 96,
+            kernel: 3,
+            stride: 1,
+            padding: PaddingSpec::SameUpper,
+            clamp: RELU6,
+        });
+        check_with_grid(Case {
+            size: (11, 10),
+            channels: 23,
+            kernel: 3,
+            stride: 2,
+            padding: PaddingSpec::SameUpper,
+            clamp: RELU6,
+        });
+        check_with_grid(Case {
+            size: (5, 6),
+            channels: 3,
+            kernel: 3,
+            stride: 1,
+            padding: PaddingSpec::Valid,
+            clamp: &[],
+        });
     }
 
     /// The geometries the op meets (see `each_geometry`).

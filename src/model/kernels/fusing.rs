@@ -6,6 +6,8 @@ use std::sync::Arc;
 use tract_tflite::internal::tract_core::ops::binary::TypedBinOp;
 use tract_tflite::internal::*;
 
+use super::grid::Grid;
+
 /// Channels in one vector of sums: one AVX-512 register, two AVX ones.
 pub const LANES: usize = 16;
 
@@ -18,6 +20,34 @@ pub fn clamp(a: f32, low: f32, high: f32) -> f32 {
     // the compiler from vectorising the stores (19 against 12 ms a model).
     let a = if a < low { low } else { a };
     if a > high { high } else { a }
+}
+
+/// Stores `sums` into `out`, clamped to `[low, high]`, then rounded to
+/// `grid` when a quantized activation's rounding was fused.
+#[inline(always)]
+pub fn store_lanes(out: &mut [f32], sums: &[f32], low: f32, high: f32, grid: Option<Grid>) {
+    // Two loops, not a test per value: each vectorises on its own.
+    match grid {
+        None => {
+            for (o, &a) in out.iter_mut().zip(sums) {
+                *o = clamp(a, low, high);
+            }
+        }
+        Some(grid) => {
+            for (o, &a) in out.iter_mut().zip(sums) {
+                *o = grid.round(clamp(a, low, high));
+            }
+        }
+    }
+}
+
+/// `x` rounded to `grid`, if there is one.
+#[inline(always)]
+pub fn round_to(grid: Option<Grid>, x: f32) -> f32 {
+    match grid {
+        Some(grid) => grid.round(x),
+        None => x,
+    }
 }
 
 /// `LANES` values of `data` from `at`, read without a bounds check: these

@@ -4,5 +4,6 @@
 pub mod dense;
 pub mod depthwise;
 mod fusing;
+pub mod grid;
 #[cfg(test)]
 mod testing;

@@ -60,6 +60,30 @@ pub fn clamp(model: &mut TypedModel, name: &str, mut wire: OutletId, clamp: &[(&
     wire
 }
 
+/// Wires the rounding to `grid` after the model's output, which it becomes.
+pub fn round_output(model: &mut TypedModel, grid: super::grid::Grid) {
+    let output = model.output_outlets().unwrap()[0];
+    let rounded = model.wire_node("rounded", super::grid::RoundToGrid(grid), &[output]).unwrap()[0];
+    model.select_output_outlets(&[rounded]).unwrap();
+}
+
+/// Checks that `got` is `expected` but for float rounding, where both are
+/// rounded to a grid of `step`: a sum a rounding error away from the middle
+/// of two steps may round the other way, which only a few may do.
+pub fn assert_on_grid(expected: &[f32], got: &[f32], step: f32, what: &str) {
+    assert_eq!(expected.len(), got.len(), "{what}");
+    let mut moved = 0;
+    for (i, (e, g)) in expected.iter().zip(got).enumerate() {
+        let d = (e - g).abs();
+        if d <= 1e-5 * (1.0 + e.abs()) {
+            continue;
+        }
+        assert!((d - step).abs() <= 1e-5 * (1.0 + e.abs()), "{what}, at {i}: tract {e}, ours {g}");
+        moved += 1;
+    }
+    assert!(moved * 200 <= expected.len(), "{what}: {moved} of {} values a step away", expected.len());
+}
+
 /// The first output of `model` on `input`.
 pub fn run(model: TypedModel, input: &Tensor) -> Tensor {
     let plan = model.into_runnable().unwrap();

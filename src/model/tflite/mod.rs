@@ -29,6 +29,7 @@ mod stages;
 mod write;
 mod zip;
 
+use super::kernels::grid::Grid;
 use read::Graph;
 use write::Rebuilt;
 
@@ -136,6 +137,8 @@ pub(crate) struct FloatModel<'a> {
     pub probabilities: bool,
     /// The label file the metadata names for the output.
     pub labels: Option<EmbeddedFile>,
+    /// The 8-bit grids of the activations whose rounding the stages mark.
+    pub grids: Vec<Grid>,
 }
 
 impl std::fmt::Debug for FloatModel<'_> {
@@ -143,6 +146,7 @@ impl std::fmt::Debug for FloatModel<'_> {
         f.debug_struct("FloatModel")
             .field("stages", &self.stages.len())
             .field("normalization", &self.normalization)
+            .field("grids", &self.grids.len())
             .finish()
     }
 }
@@ -177,8 +181,9 @@ impl Flatbuffer {
 /// cut into at most `stages` stages of about equal weight (fewer if the graph
 /// has fewer places where a single tensor flows from one part to the next).
 /// Pixels are normalized as `given`, else as the model says (see
-/// `Graph::input_normalization`).
-pub(crate) fn dequantize(bytes: &[u8], stages: usize, given: Option<MeanStd>) -> Result<FloatModel<'_>> {
+/// `Graph::input_normalization`). With `grids`, the stages mark where the
+/// quantized model rounds its activations to 8 bits (see `rewrite`).
+pub(crate) fn dequantize(bytes: &[u8], stages: usize, given: Option<MeanStd>, grids: bool) -> Result<FloatModel<'_>> {
     let graph = Graph::from_bytes(bytes)?;
     let normalization = graph.input_normalization(given)?;
     let probabilities = graph.output_is_probability();
@@ -193,8 +198,9 @@ pub(crate) fn dequantize(bytes: &[u8], stages: usize, given: Option<MeanStd>) ->
             }
         },
     };
-    let stages = graph.rebuild()?.into_stages(stages);
-    Ok(FloatModel { stages, normalization, probabilities, labels })
+    let (rebuilt, grids) = graph.rebuild(grids)?;
+    let stages = rebuilt.into_stages(stages);
+    Ok(FloatModel { stages, normalization, probabilities, labels, grids })
 }
 
 /// The bytes of the small mock model the tests use.
@@ -209,18 +215,21 @@ mod tests {
 
     #[test]
     fn garbage_gives_errors_not_panics() {
-        assert!(matches!(dequantize(b"", 1, None), Err(DequantizeError::NotTflite)));
-        assert!(matches!(dequantize(b"<html><body>nope</body></html>", 1, None), Err(DequantizeError::NotTflite)));
+        assert!(matches!(dequantize(b"", 1, None, true), Err(DequantizeError::NotTflite)));
+        assert!(matches!(
+            dequantize(b"<html><body>nope</body></html>", 1, None, true),
+            Err(DequantizeError::NotTflite)
+        ));
         let model = mock_model();
         for len in 0..model.len() {
-            assert!(dequantize(&model[..len], 1, None).is_err(), "a model cut at {len} bytes was accepted");
+            assert!(dequantize(&model[..len], 1, None, true).is_err(), "a model cut at {len} bytes was accepted");
         }
         // Every single-byte corruption either fails cleanly or still rebuilds.
         for at in 0..model.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut corrupt = model.clone();
                 corrupt[at] ^= flip;
-                if let Ok(float) = dequantize(&corrupt, 3, None) {
+                if let Ok(float) = dequantize(&corrupt, 3, None, true) {
                     (0..float.stages()).for_each(|i| drop(float.stage(i)));
                 }
             }

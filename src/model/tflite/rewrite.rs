@@ -10,12 +10,18 @@
 //! - QUANTIZE and DEQUANTIZE are identities on real values, so they disappear.
 //! - tract's FULLY_CONNECTED wants a rank-2 input, and its SQUEEZE removes
 //!   several axes with stale indices: both become explicit RESHAPEs.
+//! - the quantized runtime rounds every 8-bit activation to its grid, which
+//!   float does not. Asked to keep that rounding, the rewrite marks it after
+//!   each operator whose output has one, as a MUL by a constant that says
+//!   which grid (see `model::kernels::grid`, which puts the rounding in the
+//!   mark's place once tract has loaded the stage).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
 use tract_tflite::tflite::{self, ActivationFunctionType, BuiltinOperator, TensorType};
 
+use super::super::kernels::grid::{self, Grid};
 use super::quant::Quant;
 use super::read::{Graph, SourceOp, SourceTensor};
 use super::write::{Data, NewTensor, Options, Rebuilt, Stored};
@@ -26,8 +32,10 @@ use super::{DequantizeError, Result, malformed, unsupported};
 const MAX_FLOAT_BYTES: usize = 1536 << 20;
 
 impl<'a> Graph<'a> {
-    pub(super) fn rebuild(&self) -> Result<Rebuilt<'a>> {
+    /// The float32 rebuild, and the grids it marks: none unless `grids`.
+    pub(super) fn rebuild(&self, grids: bool) -> Result<(Rebuilt<'a>, Vec<Grid>)> {
         let mut out = Rebuilt::default();
+        let mut marked = vec![];
         // Original tensor index -> rebuilt tensor index.
         let mut map: HashMap<i32, i32> = HashMap::new();
         for (ix, t) in self.tensors.iter().enumerate() {
@@ -39,6 +47,13 @@ impl<'a> Graph<'a> {
                 DequantizeError::Malformed(m) => malformed(format!("operator {n} ({:?}): {m}", op.code)),
                 e => e,
             })?;
+            let grid = grids.then(|| self.grid_after(op)).flatten();
+            if let Some((grid, mark)) = grid.zip(grid::mark(marked.len())) {
+                let output = map[&op.outputs[0]];
+                let rounded = out.mark(output, mark, marked.len());
+                map.insert(op.outputs[0], rounded);
+                marked.push(grid);
+            }
         }
         // Flatbuffers stop at 2 GiB; uint8 weights grow fourfold as float32.
         let size: usize = out.tensors.iter().filter_map(|t| t.data.as_ref()).map(|d| d.len()).sum();
@@ -51,18 +66,42 @@ impl<'a> Graph<'a> {
         }
         out.inputs = self.inputs.iter().map(|i| map[i]).collect();
         out.outputs = self.outputs.iter().map(|o| map[o]).collect();
-        Ok(out)
+        Ok((out, marked))
+    }
+
+    /// The rounding the quantized runtime applies to the output of `op`,
+    /// unless the op moves values without changing them (a RESHAPE, a
+    /// MAX_POOL_2D, a QUANTIZE that only shifts the zero point) to the grid
+    /// they are already on.
+    fn grid_after(&self, op: &SourceOp) -> Option<Grid> {
+        let grid = tensor_grid(&self.tensors[*op.outputs.first()? as usize])?;
+        let moves = matches!(
+            op.code,
+            BuiltinOperator::RESHAPE
+                | BuiltinOperator::SQUEEZE
+                | BuiltinOperator::MAX_POOL_2D
+                | BuiltinOperator::REDUCE_MAX
+                | BuiltinOperator::PAD
+                | BuiltinOperator::PADV2
+                | BuiltinOperator::CONCATENATION
+                | BuiltinOperator::QUANTIZE
+        );
+        let inputs = op.inputs.iter().filter(|&&i| i >= 0).map(|&i| &self.tensors[i as usize]);
+        let same = |t: &SourceTensor| t.data.is_some() || tensor_grid(t) == Some(grid);
+        let on_grid = moves && inputs.clone().all(same) && inputs.clone().any(|t| t.data.is_none());
+        (!on_grid).then_some(grid)
     }
 
     fn rebuild_tensor(&self, t: &SourceTensor<'a>) -> Result<NewTensor<'a>> {
         let elements = element_count(&t.shape)
             .ok_or_else(|| malformed(format!("tensor {} is too large: {:?}", t.name, t.shape)))?;
+        let name = t.name.clone();
         let Some(data) = t.data else {
             let ty = match t.ty {
                 TensorType::INT32 | TensorType::INT64 | TensorType::BOOL if t.quant.is_none() => t.ty,
                 _ => TensorType::FLOAT32,
             };
-            return Ok(NewTensor { name: t.name.clone(), shape: t.shape.clone(), ty, data: None });
+            return Ok(NewTensor { name, shape: t.shape.clone(), ty, data: None });
         };
         let expect = |size: usize| -> Result<()> {
             if Some(data.len()) != elements.checked_mul(size) {
@@ -80,7 +119,7 @@ impl<'a> Graph<'a> {
             (_, TensorType::FLOAT32) => {
                 expect(4)?;
                 return Ok(NewTensor {
-                    name: t.name.clone(),
+                    name: name.clone(),
                     shape: t.shape.clone(),
                     ty: t.ty,
                     data: Some(Data::Bytes(Cow::Borrowed(data))),
@@ -95,7 +134,7 @@ impl<'a> Graph<'a> {
                     4
                 })?;
                 return Ok(NewTensor {
-                    name: t.name.clone(),
+                    name: name.clone(),
                     shape: t.shape.clone(),
                     ty: t.ty,
                     data: Some(Data::Bytes(Cow::Borrowed(data))),
@@ -116,7 +155,7 @@ impl<'a> Graph<'a> {
         expect(stored.bytes())?;
         let inner = quant.inner(&t.name, &t.shape)?;
         Ok(NewTensor {
-            name: t.name.clone(),
+            name: name.clone(),
             shape: t.shape.clone(),
             ty: TensorType::FLOAT32,
             data: Some(Data::Quantized { values: data, stored, quant: quant.clone(), inner }),
@@ -333,11 +372,40 @@ fn implied_activation(fused: ActivationFunctionType, output: &SourceTensor<'_>) 
     if (top - 6.0).abs() <= scale { ActivationFunctionType::RELU6 } else { ActivationFunctionType::RELU }
 }
 
+/// The grid of an 8-bit activation quantized per tensor.
+fn tensor_grid(t: &SourceTensor<'_>) -> Option<Grid> {
+    let (scale, zero_point) = t.quant.as_ref()?.single()?;
+    let (qmin, qmax) = match t.ty {
+        TensorType::UINT8 => (0, 255),
+        TensorType::INT8 => (-128, 127),
+        _ => return None,
+    };
+    Grid::new(scale, zero_point, qmin, qmax)
+}
+
 fn element_count(shape: &[i32]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
 impl<'a> Rebuilt<'a> {
+    /// Marks the rounding of `tensor` to grid `k`: a MUL by `mark`, a
+    /// constant of the tensor's rank (no broadcast to wire). Returns the
+    /// marked tensor, which later readers read instead.
+    fn mark(&mut self, tensor: i32, mark: f32, k: usize) -> i32 {
+        let t = &self.tensors[tensor as usize];
+        let (name, shape, rank) = (format!("{}/rounded", t.name), t.shape.clone(), t.shape.len());
+        let one = self.push(NewTensor {
+            name: format!("grid{k}"),
+            shape: vec![1; rank],
+            ty: TensorType::FLOAT32,
+            data: Some(Data::Bytes(mark.to_le_bytes().to_vec().into())),
+        });
+        let rounded = self.push(NewTensor::activation(name, shape));
+        let fused = ActivationFunctionType::NONE;
+        self.op(BuiltinOperator::MUL, vec![tensor, one], vec![rounded], Options::Mul { fused });
+        rounded
+    }
+
     /// A RESHAPE from `from` to `to`, with its shape given both as the
     /// options and as a constant second input, as converters write it.
     fn reshape(&mut self, from: i32, to: i32, shape: Vec<i32>) {
@@ -381,7 +449,7 @@ mod tests {
     #[test]
     fn rebuild_is_float_with_explicit_activations() {
         let bytes = mock_model();
-        let float = dequantize(&bytes, 1, None).unwrap();
+        let float = dequantize(&bytes, 1, None, false).unwrap();
         assert_eq!(float.normalization, Normalization::uniform(1.0 / 255.0, 0.0));
         assert!(float.probabilities, "the mock model ends in SOFTMAX");
         let stage = float.stage(0);

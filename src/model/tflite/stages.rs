@@ -155,7 +155,7 @@ mod tests {
     use super::*;
 
     fn whole(bytes: &[u8]) -> Rebuilt<'_> {
-        Graph::from_bytes(bytes).unwrap().rebuild().unwrap()
+        Graph::from_bytes(bytes).unwrap().rebuild(false).unwrap().0
     }
 
     #[test]
