@@ -51,6 +51,7 @@ impl Settings {
             queue: batch_size * threads,
             max_image_bytes: args.max_image_bytes,
             exif_orientation: !args.no_exif_orientation,
+            channels: args.channels.into(),
         };
         // The user names the sources: every file and address is theirs to read.
         let fetch = FetchSettings { timeout: args.timeout(), policy: SourcePolicy::ALLOW_ALL, cache: args.cache() };

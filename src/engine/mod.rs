@@ -27,7 +27,7 @@ pub use pool::WhenFull;
 use crate::deadline::Deadline;
 use crate::input::{FetchError, Fetcher, Source};
 use crate::labels::Labels;
-use crate::model::{InputSpec, Model};
+use crate::model::{Channels, InputSpec, Model};
 use crate::rank::{self, Prediction};
 
 /// The most a model or a label map may weigh.
@@ -57,6 +57,8 @@ pub struct EngineSettings {
     pub max_image_bytes: u64,
     /// Whether images are turned as their EXIF orientation tag says.
     pub exif_orientation: bool,
+    /// The order of the colour channels the model reads.
+    pub channels: Channels,
 }
 
 /// An image to classify.
@@ -299,9 +301,10 @@ async fn load(
             .map_err(LoadError::FetchModel)?;
         let download = started.elapsed();
         let started = Instant::now();
-        let threads = settings.threads.max(1);
+        let (threads, channels) = (settings.threads.max(1), settings.channels);
         let prepared = tokio::task::spawn_blocking(move || {
-            info_span!("model_prepare", bytes = bytes.len()).in_scope(|| Model::from_bytes(&bytes, threads))
+            info_span!("model_prepare", bytes = bytes.len())
+                .in_scope(|| Model::from_bytes(&bytes, threads).map(|model| model.with_channels(channels)))
         })
         .await
         .map_err(|e| LoadError::Internal(format!("model preparation: {e}")))?;
