@@ -298,6 +298,56 @@ async fn a_model_in_a_tar_gz_is_found_by_content() {
     assert!(String::from_utf8(out.stdout).unwrap().contains("\"label\":\"red\""));
 }
 
+/// The top-1 labels of `--model model` with `extra` args over red, green
+/// and blue images, served by `server`.
+async fn colours(server: &MockServer, model: String, extra: &[&str]) -> Vec<String> {
+    serve(server, "/red.png", png(RED)).await;
+    serve(server, "/green.png", png(GREEN)).await;
+    serve(server, "/blue.png", png(BLUE)).await;
+    let mut args: Vec<String> = vec!["--model".into(), model, "--labels".into()];
+    args.push(fixture("mock_labels.csv").display().to_string());
+    args.extend(["--format", "json"].iter().chain(extra).map(|s| s.to_string()));
+    args.extend(["red", "green", "blue"].iter().map(|c| format!("{}/{c}.png", server.uri())));
+    let out = run(args).await;
+    assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    stdout.lines().map(|l| top1(&serde_json::from_str(l).unwrap()).0.to_string()).collect()
+}
+
+#[tokio::test]
+async fn onnx_models_channels_first_or_last_and_bgr() {
+    let server = MockServer::start().await;
+    // The scores of red, green and blue from each channel's mean.
+    for model in ["onnx_colour_nchw.onnx", "onnx_colour_nhwc.onnx"] {
+        let model = fixture(model).display().to_string();
+        assert_eq!(colours(&server, model.clone(), &[]).await, ["red", "green", "blue"], "{model}");
+        let bgr = colours(&server, model.clone(), &["--channels", "bgr"]).await;
+        assert_eq!(bgr, ["blue", "green", "red"], "{model}");
+    }
+    // The TFLite model too, for the option is the model's, not a format's.
+    let tflite = fixture("mock_model.tflite").display().to_string();
+    assert_eq!(colours(&server, tflite, &["--channels", "bgr"]).await, ["blue", "green", "red"]);
+    let out = run(vec!["--channels".into(), "rgba".into(), "a.jpg".into()]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn an_onnx_model_in_a_tar_gz_is_found_by_content() {
+    let server = MockServer::start().await;
+    let model = std::fs::read(fixture("onnx_colour_nchw.onnx")).unwrap();
+    let mut tar = tar::Builder::new(vec![]);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(model.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "model/weights", &model[..]).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+    serve(&server, "/download", gz.finish().unwrap()).await;
+    let labels = colours(&server, format!("{}/download", server.uri()), &[]).await;
+    assert_eq!(labels, ["red", "green", "blue"]);
+}
+
 /// A file with an ETag, answering 304 Not Modified to a request naming it.
 fn versioned(body: Vec<u8>) -> impl wiremock::Respond {
     move |request: &wiremock::Request| {
@@ -369,7 +419,7 @@ async fn a_bad_model_or_labels_stop_the_run_with_exit_2() {
     let labels = std::fs::read_to_string(fixture("mock_labels.csv")).unwrap();
 
     let stderr = setup_failure(b"<html>not a model</html>".to_vec(), &labels).await;
-    assert!(stderr.contains("not a TensorFlow Lite model nor a gzip'd tar holding one"), "{stderr}");
+    assert!(stderr.contains("not a TensorFlow Lite or ONNX model, nor a gzip'd tar holding one"), "{stderr}");
     // The error names the model it came from.
     assert!(stderr.contains("cannot load the model http://127.0.0.1:"), "{stderr}");
     assert!(stderr.contains("/model.tflite: "), "{stderr}");

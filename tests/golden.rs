@@ -251,3 +251,47 @@ fn a_quantized_input_keeps_its_quantization_over_its_metadata() {
     assert_eq!(labels.len(), 965);
     assert_eq!(labels.get(484), csv.get(484), "the embedded labels name the classes as the label map does");
 }
+
+#[test]
+fn onnx_model_agrees_with_the_reference_as_a_user_runs_it() {
+    let Some(dir) = shared() else { return };
+    // NCHW input in [-1, 1], which ONNX has no metadata to say; a softmax
+    // output, which the tool must not take for logits.
+    let labels = dir.join("models/mobilenet_v1_onnx/labels.txt");
+    let args = ["--labels", labels.to_str().unwrap(), "--mean", "127.5", "--std", "127.5"];
+    check_as_a_user(&dir, "mobilenet_v1_onnx/mobilenet_v1_0.25_224.onnx", &args, 0.02);
+}
+
+#[test]
+fn onnx_mobilenet_agrees_with_the_reference() {
+    // onnxruntime's scores: float arithmetic on both sides, so every score
+    // of the reference's top 5 must be close, not only the first.
+    let Some(dir) = shared() else { return };
+    let models = dir.join("models");
+    let onnx = models.join("mobilenet_v1_onnx");
+    let model = Model::from_bytes(&std::fs::read(onnx.join("mobilenet_v1_0.25_224.onnx")).unwrap(), 2).unwrap();
+    let input = model.input();
+    assert_eq!((input.width, input.height, input.layout), (224, 224, classifier::model::Layout::Nchw));
+    let labels = classifier::labels::Labels::parse(&std::fs::read(onnx.join("labels.txt")).unwrap()).unwrap();
+    labels.check_count(model.classes()).unwrap();
+    let reference = std::fs::read_to_string(onnx.join("reference.jsonl")).unwrap();
+    let mut checked = 0;
+    for line in reference.lines() {
+        let expected: Value = serde_json::from_str(line).unwrap();
+        let name = expected["image"].as_str().unwrap();
+        let bytes = std::fs::read(models.join("images").join(name)).unwrap();
+        let pixels = preprocess::prepare(&bytes, true, input.width, input.height).unwrap();
+        let scores = model.classify(&[&pixels]).unwrap().remove(0);
+        let top = rank::top_k(&scores, 1)[0];
+        let best = &expected["top"][0];
+        assert_eq!(top as u64, best["id"].as_u64().unwrap(), "{name}: top-1 differs from the reference");
+        assert_eq!(labels.get(top), best["label"].as_str(), "{name}");
+        for class in expected["top"].as_array().unwrap() {
+            let (id, want) = (class["id"].as_u64().unwrap() as usize, class["score"].as_f64().unwrap());
+            let got = scores[id] as f64;
+            assert!((got - want).abs() <= 0.02, "{name}: class {id} scores {got}, the reference {want}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "the reference lists three images");
+}

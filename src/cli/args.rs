@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::input::cache::Cache;
+use crate::model::Channels;
 use crate::rank::Scores;
 use crate::render::Format;
 
@@ -67,11 +68,17 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = ArithmeticArg::Quantized)]
     pub arithmetic: ArithmeticArg,
 
-    /// The TFLite classifier: a URL or a path, to a .tflite file or a .tar.gz
-    /// holding one. [default: the AIY birds V1 model, from Kaggle, falling
+    /// The classifier: a URL or a path, to a TensorFlow Lite or ONNX file or
+    /// a .tar.gz holding one (recognised by content, not name). [default:
+    /// the AIY birds V1 model, from Kaggle, falling
     /// back to TF Hub]
     #[arg(long, value_name = "URL|PATH")]
     pub model: Option<String>,
+
+    /// The order of the colour channels the model was trained on: bgr for
+    /// models trained on images read by OpenCV or Caffe.
+    #[arg(long, value_enum, default_value_t = ChannelOrder::Rgb)]
+    pub channels: ChannelOrder,
 
     /// The label map: a CSV with an `id,name` header, or one label a line.
     /// [default: for the default model, its AIY label map; for a model given
@@ -162,6 +169,23 @@ pub struct Args {
 pub enum ArithmeticArg {
     Quantized,
     Float,
+}
+
+/// `--channels`: clap's copy of [`Channels`], which the model keeps free of
+/// clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+impl From<ChannelOrder> for Channels {
+    fn from(order: ChannelOrder) -> Channels {
+        match order {
+            ChannelOrder::Rgb => Channels::Rgb,
+            ChannelOrder::Bgr => Channels::Bgr,
+        }
+    }
 }
 
 /// Part `index` of `count` of the source list, by position.

@@ -67,6 +67,7 @@ impl Settings {
                 args::ArithmeticArg::Quantized => Arithmetic::Quantized,
                 args::ArithmeticArg::Float => Arithmetic::Float,
             },
+            channels: args.channels.into(),
         };
         // The user names the sources: every file and address is theirs to read.
         let fetch = FetchSettings { timeout: args.timeout(), policy: SourcePolicy::ALLOW_ALL, cache: args.cache() };

@@ -27,7 +27,7 @@ pub use pool::WhenFull;
 use crate::deadline::Deadline;
 use crate::input::{FetchError, Fetcher, Source};
 use crate::labels::Labels;
-use crate::model::{Arithmetic, InputSpec, MeanStd, Model};
+use crate::model::{Arithmetic, Channels, InputSpec, MeanStd, Model};
 use crate::rank::{self, Prediction, Scores};
 
 /// The most a model or a label map may weigh.
@@ -65,6 +65,8 @@ pub struct EngineSettings {
     pub exif_orientation: bool,
     /// How a quantized model computes.
     pub arithmetic: Arithmetic,
+    /// The order of the colour channels the model reads.
+    pub channels: Channels,
 }
 
 /// An image to classify.
@@ -314,9 +316,10 @@ async fn load(
         let download = started.elapsed();
         let started = Instant::now();
         let (threads, given, arithmetic) = (settings.threads.max(1), settings.normalization, settings.arithmetic);
+        let channels = settings.channels;
         let prepared = tokio::task::spawn_blocking(move || {
             info_span!("model_prepare", bytes = bytes.len())
-                .in_scope(|| Model::load(&bytes, threads, given, arithmetic))
+                .in_scope(|| Model::load(&bytes, threads, given, arithmetic).map(|model| model.with_channels(channels)))
         })
         .await
         .map_err(|e| LoadError::Internal(format!("model preparation: {e}")))?;

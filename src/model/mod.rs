@@ -1,7 +1,12 @@
-//! The model stage: from the bytes of a TFLite file (raw or in a gzip'd tar)
-//! to an optimized tract plan that classifies batches of images.
+//! The model stage: from the bytes of a TFLite or ONNX file (raw or in a
+//! gzip'd tar) to an optimized tract plan that classifies batches of images.
+//!
+//! The two formats differ only in how the graph reaches tract (a TFLite file
+//! is rebuilt as float32 and cut into stages, `tflite`; an ONNX one is read
+//! as it is, `onnx`): from there on one `Model` and one `Session` serve both.
 
 mod kernels;
+mod onnx;
 pub mod tflite;
 
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use tract_tflite::prelude::*;
 
 use kernels::grid::{self, Grid};
 use kernels::{dense, depthwise};
-pub use tflite::archive::extract_tflite;
+pub use tflite::archive::{Format, extract_model};
 use tflite::{self as dequantize, archive};
 pub use tflite::{DequantizeError, EmbeddedFile, MeanStd, Normalization};
 
@@ -28,6 +33,9 @@ pub enum ModelError {
     NotAClassifier(String),
     #[error("tract could not load the model: {0:#}")]
     Tract(TractError),
+    /// An ONNX file tract cannot take, with the reason.
+    #[error("{0}")]
+    Onnx(String),
     #[error("the model is inconsistent: {0}")]
     Inconsistent(String),
     /// A panic in the tool's own code run inside tract: a bug, not a bad model.
@@ -116,6 +124,8 @@ pub enum Arithmetic {
 pub struct InputSpec {
     pub width: u32,
     pub height: u32,
+    pub layout: Layout,
+    pub channels: Channels,
     pub normalization: Normalization,
 }
 
@@ -124,6 +134,24 @@ impl InputSpec {
     pub fn image_bytes(&self) -> usize {
         self.width as usize * self.height as usize * 3
     }
+}
+
+/// Where the colour channels are in the model's input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[1, height, width, 3]`, TFLite's convention.
+    Nhwc,
+    /// `[1, 3, height, width]`, ONNX's (PyTorch's) convention.
+    Nchw,
+}
+
+/// The order of the colour channels the model was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Channels {
+    #[default]
+    Rgb,
+    /// As OpenCV and Caffe read images.
+    Bgr,
 }
 
 /// A classifier ready to run: optimized once, shared by every worker. The
@@ -148,8 +176,8 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Prepares a model from the bytes of a `.tflite` file or of a gzip'd
-    /// tar holding exactly one, on up to `threads` threads.
+    /// Prepares a model from the bytes of a `.tflite` or `.onnx` file or of
+    /// a gzip'd tar holding exactly one, on up to `threads` threads.
     ///
     /// tract prepares a graph on one thread, in a time that grows faster than
     /// the graph. So the network is cut into twice as many stages as there
@@ -171,9 +199,12 @@ impl Model {
         arithmetic: Arithmetic,
     ) -> Result<Model, ModelError> {
         let started = Instant::now();
-        let tflite = extract_tflite(bytes)?;
+        let (format, file) = extract_model(bytes)?;
+        if format == Format::Onnx {
+            return Model::from_onnx(&file, given, started);
+        }
         let grids = arithmetic == Arithmetic::Quantized;
-        let mut float = dequantize::dequantize(&tflite, threads.max(1).saturating_mul(2), given, grids)?;
+        let mut float = dequantize::dequantize(&file, threads.max(1).saturating_mul(2), given, grids)?;
         let (probabilities, labels) = (float.probabilities, float.labels.take());
         let grids = &float.grids;
         let prepare = |index: usize| {
@@ -226,7 +257,7 @@ impl Model {
                 )));
             }
         }
-        let (input, classes) = classifier_shape(&stages, float.normalization)?;
+        let (input, classes) = classifier_shape(&stages, format, float.normalization)?;
         tracing::debug!(
             ms = started.elapsed().as_secs_f64() * 1e3,
             stages = stages.len(),
@@ -234,6 +265,26 @@ impl Model {
             "model prepared"
         );
         Ok(Model { stages, input, classes, probabilities, labels })
+    }
+
+    /// Prepares an ONNX model, in one stage: tract-onnx reads the graph as
+    /// it is, and there is no rebuild to cut it in.
+    /// ONNX has no metadata: pixels are normalized as `given`, else as its
+    /// input's type says (a uint8 input takes the pixels as they are, a
+    /// float one the MobileNet guess, warned).
+    fn from_onnx(bytes: &[u8], given: Option<MeanStd>, started: Instant) -> Result<Model, ModelError> {
+        let (model, normalization) = onnx::load(bytes, given)?;
+        let probabilities = onnx::gives_probabilities(&model);
+        let stages = vec![guarded(|| optimize(model, &[])?.into_runnable())?];
+        let (input, classes) = classifier_shape(&stages, Format::Onnx, normalization)?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "ONNX model prepared");
+        Ok(Model { stages, input, classes, probabilities, labels: None })
+    }
+
+    /// The same model reading the image's channels in `channels` order.
+    pub fn with_channels(mut self, channels: Channels) -> Model {
+        self.input.channels = channels;
+        self
     }
 
     pub fn input(&self) -> InputSpec {
@@ -287,17 +338,9 @@ impl Session {
     /// Scores one image of `input().image_bytes()` of 8-bit RGB at the
     /// model's input size: one score per class.
     pub fn classify(&mut self, image: &[u8]) -> anyhow::Result<Vec<f32>> {
-        let InputSpec { width, height, normalization: n } = self.input;
         let per_image = self.input.image_bytes();
         anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
-        let shape = (1, height as usize, width as usize, 3);
-        let mut data = vec![0f32; per_image];
-        for (real, pixel) in data.chunks_exact_mut(3).zip(image.chunks_exact(3)) {
-            for c in 0..3 {
-                real[c] = pixel[c] as f32 * n.scale[c] + n.offset[c];
-            }
-        }
-        let input = tract_ndarray::Array4::from_shape_vec(shape, data)?.into_tensor();
+        let input = input_tensor(&self.input, image)?;
         let mut outputs = tvec!(input.into());
         for state in &mut self.states {
             outputs = guarded(|| state.run(outputs))?;
@@ -306,6 +349,56 @@ impl Session {
         anyhow::ensure!(scores.len() == self.classes, "the model gave {} scores, not {}", scores.len(), self.classes);
         Ok(scores.iter().copied().collect())
     }
+}
+
+/// The model's input for `image`, 8-bit RGB pixels row by row: normalised,
+/// its channels in the model's order and where its layout puts them. One
+/// pass over the pixels, into the one buffer the tensor keeps.
+fn input_tensor(spec: &InputSpec, image: &[u8]) -> anyhow::Result<Tensor> {
+    let n = spec.normalization;
+    // Normalized as the image's channel `c` (R, G, B), whichever the model reads it as.
+    let value = |p: &[u8], c: usize| p[c] as f32 * n.scale[c] + n.offset[c];
+    let (height, width) = (spec.height as usize, spec.width as usize);
+    // Which of the image's channels each of the model's reads.
+    let [first, second, third] = match spec.channels {
+        Channels::Rgb => [0, 1, 2],
+        Channels::Bgr => [2, 1, 0],
+    };
+    let pixels = image.chunks_exact(3);
+    let tensor = match (spec.layout, spec.channels) {
+        // The default, and the birds model's: a plain map, which vectorises.
+        (Layout::Nhwc, Channels::Rgb) => {
+            let mut data = vec![0f32; image.len()];
+            for (real, p) in data.chunks_exact_mut(3).zip(pixels) {
+                for c in 0..3 {
+                    real[c] = value(p, c);
+                }
+            }
+            tract_ndarray::Array4::from_shape_vec((1, height, width, 3), data)?.into_tensor()
+        }
+        (Layout::Nhwc, Channels::Bgr) => {
+            let mut data = Vec::with_capacity(image.len());
+            for p in pixels {
+                data.extend([value(p, first), value(p, second), value(p, third)]);
+            }
+            tract_ndarray::Array4::from_shape_vec((1, height, width, 3), data)?.into_tensor()
+        }
+        (Layout::Nchw, _) => {
+            let mut data = vec![0f32; image.len()];
+            let (a, rest) = data.split_at_mut(height * width);
+            let (b, c) = rest.split_at_mut(height * width);
+            for (p, ((a, b), c)) in pixels.zip(a.iter_mut().zip(b).zip(c)) {
+                (*a, *b, *c) = (value(p, first), value(p, second), value(p, third));
+            }
+            tract_ndarray::Array4::from_shape_vec((1, 3, height, width), data)?.into_tensor()
+        }
+    };
+    Ok(tensor)
+}
+
+/// `shape` as the messages write shapes: `[1, 224, 224, 3]`.
+fn axes(shape: &ShapeFact) -> String {
+    format!("[{}]", shape.iter().map(|axis| axis.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 /// tract's declutter and codegen passes, with the tool's own convolutions
@@ -337,10 +430,15 @@ fn declutter() -> Optimizer {
     declutter
 }
 
-/// Checks that the chain of `stages` looks like an image classifier:
-/// `[1, H, W, 3]` in, `[1, C]` out.
+/// Checks that the chain of `stages` looks like an image classifier, and
+/// reads its input size and layout: `[1, H, W, 3]` or `[1, 3, H, W]` in,
+/// `[1, C]`, `[C]` or `[1, 1, 1, C]` out.
+///
+/// An input of 3 on both axes (`[1, 3, W, 3]`) follows its format's
+/// convention: channels last for TFLite, first for ONNX.
 fn classifier_shape(
     stages: &[Arc<TypedRunnableModel>],
+    format: Format,
     normalization: Normalization,
 ) -> Result<(InputSpec, usize), ModelError> {
     let not_classifier = |m: String| ModelError::NotAClassifier(m);
@@ -353,20 +451,36 @@ fn classifier_shape(
         )));
     }
     let input = first.input_fact(0).map_err(ModelError::Tract)?;
-    let (height, width) = match input.shape.as_concrete() {
-        Some(&[1, h, w, 3]) if h > 0 && w > 0 => (h, w),
-        _ => return Err(not_classifier(format!("input of shape {:?}, expected [1, height, width, 3]", input.shape))),
+    let (layout, height, width) = match input.shape.as_concrete() {
+        Some(&[1, 3, h, 3]) if format == Format::Onnx => (Layout::Nchw, h, 3),
+        Some(&[1, h, w, 3]) => (Layout::Nhwc, h, w),
+        Some(&[1, 3, h, w]) => (Layout::Nchw, h, w),
+        _ => {
+            return Err(not_classifier(format!(
+                "input of shape {}, expected [1, height, width, 3] or [1, 3, height, width]",
+                axes(&input.shape)
+            )));
+        }
     };
     let output = last.output_fact(0).map_err(ModelError::Tract)?;
     let classes = match output.shape.as_concrete() {
-        Some(&[1, c]) if c > 0 => c,
-        _ => return Err(not_classifier(format!("output of shape {:?}, expected [1, classes]", output.shape))),
+        Some(&[c] | &[1, c] | &[1, 1, 1, c]) if c > 0 => c,
+        _ => {
+            return Err(not_classifier(format!(
+                "output of shape {}, expected [1, classes], [classes] or [1, 1, 1, classes]",
+                axes(&output.shape)
+            )));
+        }
     };
-    let (width, height) = (u32::try_from(width), u32::try_from(height));
-    let (Ok(width), Ok(height)) = (width, height) else {
-        return Err(not_classifier("input too large".into()));
-    };
-    Ok((InputSpec { width, height, normalization }, classes))
+    // The largest image decoded: a model must not make every image be
+    // resized to gigapixels.
+    let side = 1..=crate::image::MAX_SIDE as usize;
+    if !side.contains(&height) || !side.contains(&width) {
+        let max = crate::image::MAX_SIDE;
+        return Err(not_classifier(format!("input of {width}x{height} pixels, expected 1x1 to {max}x{max}")));
+    }
+    let (width, height) = (width as u32, height as u32);
+    Ok((InputSpec { width, height, layout, channels: Channels::Rgb, normalization }, classes))
 }
 
 #[cfg(test)]
