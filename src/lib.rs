@@ -6,7 +6,7 @@
 //! [`image`] (decode, resize) → [`engine`] (the bounded queue and the
 //! inference pool) → [`model`] → [`rank`] → [`render`]; [`labels`] reads
 //! the label map. [`engine::Engine`] ties them together for every front
-//! end; [`cli`] is the command line's.
+//! end; [`cli`] is the command line's, [`serve`] the HTTP service's.
 
 pub mod cli;
 pub mod deadline;
@@ -17,6 +17,7 @@ pub mod labels;
 pub mod model;
 pub mod rank;
 pub mod render;
+pub mod serve;
 
 /// Starts glibc's allocator in the state it settles into after its first
 /// large frees: blocks up to 32 MiB come from the heap, and up to 64 MiB

@@ -19,19 +19,37 @@ pub enum Format {
 /// What became of one source.
 pub type Outcome = Result<Vec<Prediction>, SourceError>;
 
-#[derive(Serialize)]
-struct JsonPrediction<'a> {
+/// One prediction of a [`Record`].
+#[derive(Debug, Serialize)]
+pub struct JsonPrediction<'a> {
     /// `null` when there are no labels.
     label: Option<&'a str>,
     index: usize,
     score: f64,
 }
 
-#[derive(Serialize)]
+/// The JSON object of one source: a JSON Lines record of the command line,
+/// and each of the results a server answers, alike.
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
-enum JsonRecord<'a> {
+pub enum Record<'a> {
     Predictions { source: &'a str, predictions: Vec<JsonPrediction<'a>> },
     Error { source: &'a str, error: String },
+}
+
+impl<'a> Record<'a> {
+    pub fn new(source: &'a str, outcome: &'a Outcome) -> Record<'a> {
+        match outcome {
+            Ok(predictions) => Record::Predictions {
+                source,
+                predictions: predictions
+                    .iter()
+                    .map(|p| JsonPrediction { label: p.label.as_deref(), index: p.index, score: round(p.score) })
+                    .collect(),
+            },
+            Err(error) => Record::Error { source, error: error.to_string() },
+        }
+    }
 }
 
 /// Scores are computed in f32; six decimals say all they hold, and keep
@@ -44,17 +62,7 @@ fn round(score: f32) -> f64 {
 pub fn render(format: Format, source: &str, outcome: &Outcome) -> String {
     match format {
         Format::Json => {
-            let record = match outcome {
-                Ok(predictions) => JsonRecord::Predictions {
-                    source,
-                    predictions: predictions
-                        .iter()
-                        .map(|p| JsonPrediction { label: p.label.as_deref(), index: p.index, score: round(p.score) })
-                        .collect(),
-                },
-                Err(error) => JsonRecord::Error { source, error: error.to_string() },
-            };
-            let mut line = serde_json::to_string(&record).expect("records serialize");
+            let mut line = serde_json::to_string(&Record::new(source, outcome)).expect("records serialize");
             line.push('\n');
             line
         }

@@ -191,6 +191,11 @@ impl Engine {
         }
     }
 
+    /// Images waiting in the inference queue for a worker now.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.queue.waiting()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

@@ -47,6 +47,7 @@ struct Job {
 pub(super) struct Queue {
     jobs: mpsc::UnboundedSender<Job>,
     room: Arc<Semaphore>,
+    capacity: usize,
 }
 
 /// The other end of the queue, for the workers once the model is ready.
@@ -59,8 +60,9 @@ impl Queue {
     /// A queue holding at most `capacity` jobs that no worker has taken.
     pub fn new(capacity: usize) -> (Queue, Jobs) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let room = Arc::new(Semaphore::new(capacity.max(1)));
-        (Queue { jobs: tx, room: room.clone() }, Jobs { jobs: rx, room })
+        let capacity = capacity.max(1);
+        let room = Arc::new(Semaphore::new(capacity));
+        (Queue { jobs: tx, room: room.clone(), capacity }, Jobs { jobs: rx, room })
     }
 
     /// Queues `pixels` for inference; the receiver gets the scores.
@@ -93,6 +95,11 @@ impl Queue {
     /// Whether a caller that will not wait would be refused now.
     pub fn is_full(&self) -> bool {
         self.room.available_permits() == 0
+    }
+
+    /// Jobs waiting for a worker now (none once the queue is closed).
+    pub fn waiting(&self) -> usize {
+        if self.room.is_closed() { 0 } else { self.capacity.saturating_sub(self.room.available_permits()) }
     }
 
     /// What closes the queue when its jobs can never run (the model did not
@@ -277,6 +284,7 @@ mod tests {
         let _second = queue.submit(red(), Deadline::NEVER, WhenFull::Refuse).await.unwrap();
         let refused = queue.submit(red(), Deadline::NEVER, WhenFull::Refuse).await.unwrap_err();
         assert!(matches!(refused, SourceError::Overloaded), "{refused}");
+        assert_eq!(queue.waiting(), 2);
         // A waiting caller waits, up to its deadline.
         let soon = Deadline::after(Duration::from_millis(50));
         let late = queue.submit(red(), soon, WhenFull::Wait).await.unwrap_err();

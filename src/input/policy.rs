@@ -7,25 +7,36 @@
 //! loopback interface. Host names are checked where they are resolved (a
 //! resolver that drops refused addresses), so a name cannot pass a check and
 //! then resolve elsewhere; address literals, which skip the resolver, are
-//! checked before each request and on every redirect.
+//! checked before each request and on every redirect. An operator can
+//! open ranges of addresses (`--allow-address`): a registry on the pod
+//! network, say.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use reqwest::Url;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 use super::Source;
 
 /// What a fetcher may read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourcePolicy {
     /// Whether local paths are read.
     pub local_files: bool,
     /// Whether loopback, private, link-local and other non-public addresses
     /// may be reached.
     pub private_addresses: bool,
+    /// Ranges reached even though they are not public.
+    pub allowed: Vec<IpNet>,
 }
+
+/// Redirects followed by a policy that restricts addresses, each hop
+/// checked.
+pub const MAX_REDIRECTS_RESTRICTED: usize = 5;
+/// The command line's: ten requests in all, as it always followed.
+const MAX_REDIRECTS: usize = 9;
 
 /// Why the policy refused a source; the message a record carries.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,9 +45,17 @@ pub struct Denied(pub String);
 
 impl SourcePolicy {
     /// Everything: the command line's policy, where the user names the sources.
-    pub const ALLOW_ALL: SourcePolicy = SourcePolicy { local_files: true, private_addresses: true };
+    pub const ALLOW_ALL: SourcePolicy =
+        SourcePolicy { local_files: true, private_addresses: true, allowed: Vec::new() };
     /// Public network addresses only, no local files.
-    pub const PUBLIC_ONLY: SourcePolicy = SourcePolicy { local_files: false, private_addresses: false };
+    pub const PUBLIC_ONLY: SourcePolicy =
+        SourcePolicy { local_files: false, private_addresses: false, allowed: Vec::new() };
+
+    /// This policy, reaching `ranges` too.
+    pub fn allowing(mut self, ranges: impl IntoIterator<Item = IpNet>) -> SourcePolicy {
+        self.allowed.extend(ranges);
+        self
+    }
 
     /// Checks what can be checked before a request: the kind of source, and
     /// a host that is an address literal.
@@ -63,6 +82,14 @@ impl SourcePolicy {
 
     /// Whether `ip` may be reached.
     pub fn check_address(&self, ip: IpAddr) -> Result<(), Denied> {
+        // ::ffff:a.b.c.d is a.b.c.d, for the allowed ranges as for the rules.
+        let canonical = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        };
+        if self.allowed.iter().any(|range| range.contains(&canonical)) {
+            return Ok(());
+        }
         match restricted_range(ip) {
             Some(range) if !self.private_addresses => Err(Denied(format!("address {ip} is not allowed ({range})"))),
             _ => Ok(()),
@@ -72,14 +99,17 @@ impl SourcePolicy {
     /// The resolver a client needs to enforce this policy on host names;
     /// none when every address is allowed (the system's own resolver then).
     pub(super) fn resolver(&self) -> Option<Arc<dyn Resolve>> {
-        (!self.private_addresses).then(|| Arc::new(PolicyResolver { policy: *self }) as Arc<dyn Resolve>)
+        (!self.private_addresses).then(|| Arc::new(PolicyResolver { policy: self.clone() }) as Arc<dyn Resolve>)
     }
 
-    /// Redirects, at most 10, each to a URL the policy allows.
+    /// Redirects, at most 5 where addresses are restricted (9 otherwise),
+    /// each to a URL the policy allows; its host name is checked where it
+    /// is resolved.
     pub(super) fn redirects(&self) -> reqwest::redirect::Policy {
-        let policy = *self;
+        let policy = self.clone();
+        let most = if policy.private_addresses { MAX_REDIRECTS } else { MAX_REDIRECTS_RESTRICTED };
         reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 10 {
+            if attempt.previous().len() > most {
                 return attempt.error("too many redirects");
             }
             match policy.check_url(attempt.url()) {
@@ -153,7 +183,7 @@ struct PolicyResolver {
 
 impl Resolve for PolicyResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.policy;
+        let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
@@ -248,5 +278,23 @@ mod tests {
         // Names are checked once resolved, not here.
         assert!(public.check(&source("https://example.org/a.jpg")).is_ok());
         assert!(public.check(&source("https://8.8.8.8/a.jpg")).is_ok());
+    }
+
+    #[test]
+    fn allowed_ranges_open_only_themselves() {
+        let policy =
+            SourcePolicy::PUBLIC_ONLY.allowing(["127.0.0.1/32".parse().unwrap(), "fd00::/64".parse().unwrap()]);
+        assert!(policy.check_address(ip("127.0.0.1")).is_ok());
+        assert!(policy.check_address(ip("::ffff:127.0.0.1")).is_ok());
+        assert!(policy.check_address(ip("fd00::5")).is_ok());
+        assert_eq!(
+            policy.check_address(ip("127.0.0.2")).unwrap_err().to_string(),
+            "address 127.0.0.2 is not allowed (loopback)"
+        );
+        assert!(policy.check_address(ip("fd00:0:0:1::5")).is_err());
+        assert!(policy.check_address(ip("169.254.169.254")).is_err());
+        assert!(policy.check_address(ip("8.8.8.8")).is_ok());
+        // Still no local files.
+        assert!(policy.check(&Source::parse("a.jpg").unwrap()).is_err());
     }
 }

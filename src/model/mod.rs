@@ -370,8 +370,8 @@ fn input_tensor(spec: &InputSpec, image: &[u8]) -> anyhow::Result<Tensor> {
         (Layout::Nhwc, Channels::Rgb) => {
             let mut data = vec![0f32; image.len()];
             for (real, p) in data.chunks_exact_mut(3).zip(pixels) {
-                for c in 0..3 {
-                    real[c] = value(p, c);
+                for (c, real) in real.iter_mut().enumerate() {
+                    *real = value(p, c);
                 }
             }
             tract_ndarray::Array4::from_shape_vec((1, height, width, 3), data)?.into_tensor()

@@ -1,0 +1,682 @@
+//! `classifier serve` in-process: the router on 127.0.0.1:0, called with
+//! reqwest, over the mock model and images served by loopback servers the
+//! tests start (the real birds model from ../shared where top-1 matters).
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use classifier::serve::{ServeArgs, ServeSettings};
+use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
+use reqwest::StatusCode;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use wiremock::matchers::path;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn png(rgb: [u8; 3]) -> Vec<u8> {
+    let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(48, 32, Rgb(rgb)));
+    let mut out = Cursor::new(vec![]);
+    image.write_to(&mut out, ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
+}
+
+fn shared(rel: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(rel);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("skipped: {} is absent", path.display());
+        None
+    }
+}
+
+async fn mount(server: &MockServer, at: &str, response: ResponseTemplate) {
+    Mock::given(path(at)).respond_with(response).mount(server).await;
+}
+
+/// The mock model (answering after `delay`), its labels and three images.
+async fn assets(delay: Duration) -> MockServer {
+    let server = MockServer::start().await;
+    mount(
+        &server,
+        "/model.tflite",
+        ResponseTemplate::new(200).set_body_bytes(fixture("mock_model.tflite")).set_delay(delay),
+    )
+    .await;
+    mount(&server, "/labels.csv", ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv"))).await;
+    mount(&server, "/red.png", ResponseTemplate::new(200).set_body_bytes(png([250, 10, 10]))).await;
+    mount(&server, "/blue.png", ResponseTemplate::new(200).set_body_bytes(png([10, 10, 250]))).await;
+    mount(
+        &server,
+        "/slow.png",
+        ResponseTemplate::new(200).set_body_bytes(png([10, 250, 10])).set_delay(Duration::from_millis(1500)),
+    )
+    .await;
+    server
+}
+
+/// The options of a server of the mock model named `mock`, its images on
+/// 127.0.0.1 allowed.
+fn mock_args(assets: &MockServer, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--model".into(),
+        format!("mock={}/model.tflite", assets.uri()),
+        "--labels".into(),
+        format!("mock={}/labels.csv", assets.uri()),
+        "--allow-address".into(),
+        "127.0.0.1/32".into(),
+        "--no-cache".into(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+struct Server {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(args: Vec<String>) -> Server {
+        let settings = ServeSettings::resolve(&ServeArgs::try_parse_from(args).unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            classifier::serve::serve(listener, &settings, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Server { url, stop: Some(stop), task }
+    }
+
+    /// Started, and ready.
+    async fn ready(args: Vec<String>) -> Server {
+        let server = Server::start(args).await;
+        let started = Instant::now();
+        while client().get(server.at("/readyz")).send().await.unwrap().status() != StatusCode::OK {
+            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+
+    fn at(&self, route: &str) -> String {
+        format!("{}{route}", self.url)
+    }
+
+    async fn classify(&self, body: Value) -> (StatusCode, Value) {
+        answer(client().post(self.at("/v1/classify")).json(&body).send().await.unwrap()).await
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap()
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}")))
+}
+
+fn top1(record: &Value) -> &str {
+    record["predictions"][0]["label"].as_str().unwrap_or_else(|| panic!("no predictions: {record}"))
+}
+
+#[tokio::test]
+async fn urls_are_answered_in_request_order_each_as_the_cli_record() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let url = |p: &str| format!("{}{p}", assets.uri());
+    let sources =
+        [url("/blue.png"), url("/missing.png"), url("/red.png"), "ftp://h/a.jpg".into(), "/etc/hostname".into()];
+    let (status, body) = server.classify(json!({ "sources": sources, "top_k": 2 })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["model"], "mock");
+    // Each record as the command line prints it, byte for byte.
+    let text = client().post(server.at("/v1/classify")).json(&json!({"sources": [&sources[1]]})).send().await.unwrap();
+    let text = text.text().await.unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "{{\"model\":\"mock\",\"results\":[{{\"source\":\"{}\",\"error\":\"HTTP 404 Not Found\"}}]}}",
+            sources[1]
+        )
+    );
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for (record, source) in results.iter().zip(&sources) {
+        assert_eq!(record["source"], source.as_str());
+    }
+    assert_eq!(top1(&results[0]), "blue");
+    assert_eq!(results[0]["predictions"].as_array().unwrap().len(), 2);
+    // The CLI's record: source and predictions, nothing else; or source and error.
+    let keys: Vec<&String> = results[0].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["predictions", "source"]);
+    assert_eq!(results[0]["predictions"][0].as_object().unwrap().len(), 3);
+    assert_eq!(results[1], json!({"source": url("/missing.png"), "error": "HTTP 404 Not Found"}));
+    assert_eq!(top1(&results[2]), "red");
+    assert!(results[3]["error"].as_str().unwrap().starts_with("unsupported scheme \"ftp\""), "{}", results[3]);
+    assert_eq!(results[4]["error"], "local files are not allowed");
+    // The default top_k is the server's.
+    let (_, body) = server.classify(json!({ "sources": [url("/red.png")], "model": "mock" })).await;
+    assert_eq!(body["results"][0]["predictions"].as_array().unwrap().len(), 3);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn uploads_by_multipart_and_as_a_raw_body() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let form = Form::new()
+        .part("image", Part::bytes(png([10, 10, 250])).file_name("sky.png"))
+        .text("top_k", "1")
+        .part("image", Part::bytes(png([250, 10, 10])).file_name("cardinal.png"))
+        .part("image", Part::bytes(b"hello".to_vec()).file_name("notes.txt"))
+        .text("model", "mock");
+    let response = client().post(server.at("/v1/classify")).multipart(form).send().await.unwrap();
+    let (status, body) = answer(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!((results[0]["source"].as_str(), top1(&results[0])), (Some("sky.png"), "blue"));
+    assert_eq!((results[1]["source"].as_str(), top1(&results[1])), (Some("cardinal.png"), "red"));
+    assert_eq!(results[0]["predictions"].as_array().unwrap().len(), 1);
+    assert_eq!(results[2], json!({"source": "notes.txt", "error": "not an image (the content is text)"}));
+
+    let response = client()
+        .post(server.at("/v1/classify?top_k=2&model=mock"))
+        .header("content-type", "image/png")
+        .body(png([250, 10, 10]))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = answer(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["source"], "upload");
+    assert_eq!(top1(&body["results"][0]), "red");
+    assert_eq!(body["results"][0]["predictions"].as_array().unwrap().len(), 2);
+    let response = client()
+        .post(server.at("/v1/classify"))
+        .header("content-type", "application/octet-stream")
+        .body(png([10, 10, 250]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(top1(&answer(response).await.1["results"][0]), "blue");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_bad_request_has_its_status_and_an_error() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &["--max-sources", "2", "--max-body-bytes", "4000"])).await;
+    let red = format!("{}/red.png", assets.uri());
+    let post = |content_type: &'static str, body: Vec<u8>| {
+        client().post(server.at("/v1/classify")).header("content-type", content_type).body(body).send()
+    };
+    let cases: Vec<(reqwest::Response, StatusCode, &str)> = vec![
+        (post("application/json", b"{\"sources\": [".to_vec()).await.unwrap(), StatusCode::BAD_REQUEST, "bad JSON: "),
+        (
+            post("application/json", b"{\"source\": []}".to_vec()).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad JSON: unknown field `source`",
+        ),
+        (post("application/json", b"{\"sources\": []}".to_vec()).await.unwrap(), StatusCode::BAD_REQUEST, "no sources"),
+        (post("application/json", b"{}".to_vec()).await.unwrap(), StatusCode::BAD_REQUEST, "no sources"),
+        (post("image/png", vec![]).await.unwrap(), StatusCode::BAD_REQUEST, "no sources"),
+        (
+            post("application/json", json!({"sources": [&red, &red, &red]}).to_string().into_bytes()).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "too many sources: 3, at most 2 in one request",
+        ),
+        (
+            post("application/json", json!({"sources": [&red], "top_k": 0}).to_string().into_bytes()).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad top_k 0: expected a whole number, 1 or more",
+        ),
+        (
+            post("application/json", json!({"sources": [&red], "top_k": 1.5}).to_string().into_bytes()).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad top_k 1.5",
+        ),
+        (
+            post("application/json", json!({"sources": [&red], "top_k": "3"}).to_string().into_bytes()).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad top_k \"3\"",
+        ),
+        (
+            client()
+                .post(server.at("/v1/classify?top_k=-1"))
+                .header("content-type", "image/png")
+                .body(png([1, 2, 3]))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad top_k -1",
+        ),
+        (
+            post("application/json", json!({"sources": [&red], "model": "cats"}).to_string().into_bytes())
+                .await
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "unknown model \"cats\"; the models are mock",
+        ),
+        (
+            post("image/png", vec![0; 4001]).await.unwrap(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body larger than the limit of 4000 bytes",
+        ),
+        (
+            post("text/plain", b"hello".to_vec()).await.unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported content type (text/plain)",
+        ),
+        (
+            client().post(server.at("/v1/classify")).body("x").send().await.unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported content type (none)",
+        ),
+        (
+            client().post(server.at("/v1/classify")).multipart(Form::new().text("colour", "red")).send().await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "unexpected field \"colour\"",
+        ),
+        (
+            post("multipart/form-data; boundary=x", b"garbage".to_vec()).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad multipart body",
+        ),
+        (
+            client().get(server.at("/v1/classify")).send().await.unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/v1/classify does not take GET",
+        ),
+        (
+            client().get(server.at("/v2/nothing")).send().await.unwrap(),
+            StatusCode::NOT_FOUND,
+            "no route GET /v2/nothing",
+        ),
+    ];
+    for (response, status, error) in cases {
+        let (got, body) = answer(response).await;
+        let message = body["error"].as_str().unwrap_or_else(|| panic!("no error: {body}"));
+        assert_eq!((got, message.starts_with(error)), (status, true), "{message:?} is not {status} {error:?}");
+        assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_still_loading_is_not_ready_and_says_so() {
+    let assets = assets(Duration::from_millis(2500)).await;
+    let server = Server::start(mock_args(&assets, &[])).await;
+    let response = client().get(server.at("/readyz")).send().await.unwrap();
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(answer(response).await, (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "not ready: loading mock"})));
+    let (status, body) = server.classify(json!({"sources": [format!("{}/red.png", assets.uri())]})).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "the model \"mock\" is not ready yet"}))
+    );
+    let (status, models) = answer(client().get(server.at("/v1/models")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models, json!({"models": [{"name": "mock", "classes": null, "input": null, "ready": false}]}));
+    // Alive all along.
+    assert_eq!(answer(client().get(server.at("/healthz")).send().await.unwrap()).await.0, StatusCode::OK);
+    let server = {
+        let started = Instant::now();
+        while client().get(server.at("/readyz")).send().await.unwrap().status() != StatusCode::OK {
+            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    };
+    let (_, models) = answer(client().get(server.at("/v1/models")).send().await.unwrap()).await;
+    assert_eq!(
+        models,
+        json!({"models": [{"name": "mock", "classes": 3, "input": {"width": 8, "height": 8}, "ready": true}]})
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_that_cannot_load_stops_the_server_with_its_name() {
+    let assets = assets(Duration::ZERO).await;
+    let mut args = mock_args(&assets, &[]);
+    args[2] = format!("mock={}/gone.tflite", assets.uri());
+    let server = Server::start(args).await;
+    let err = tokio::time::timeout(Duration::from_secs(20), server.task).await.unwrap().unwrap().unwrap_err();
+    assert!(format!("{err:#}").starts_with("model \"mock\": cannot fetch the model: "), "{err:#}");
+}
+
+#[tokio::test]
+async fn past_the_in_flight_limit_requests_are_refused_at_once() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &["--max-in-flight", "1"])).await;
+    let slow = json!({"sources": [format!("{}/slow.png", assets.uri())]});
+    let first = server.classify(slow.clone());
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let started = Instant::now();
+        let response = client().post(server.at("/v1/classify")).json(&slow).send().await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+        assert_eq!(response.headers()["retry-after"], "1");
+        answer(response).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(second, (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "overloaded: too many requests in flight"})));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_request_deadline_makes_late_sources_error_records() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &["--request-timeout", "0.5"])).await;
+    let started = Instant::now();
+    let (status, body) = server
+        .classify(json!({"sources": [format!("{}/slow.png", assets.uri()), format!("{}/red.png", assets.uri())]}))
+        .await;
+    assert!(started.elapsed() < Duration::from_millis(1400), "{:?}", started.elapsed());
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["results"][0]["error"], "deadline passed before the image was classified");
+    assert_eq!(top1(&body["results"][1]), "red");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_client_cannot_hold_a_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &["--header-timeout", "0.3", "--body-timeout", "0.3"])).await;
+    let address = server.url.trim_start_matches("http://").to_string();
+    // Headers never finished: the connection is closed.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream.write_all(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = vec![];
+    let read = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    // A body that never comes: 408.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream
+        .write_all(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut out = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("{\"error\":\"the body was not received within 0.3 s\"}"), "{text}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_ones() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let url = server.url.clone();
+    let slow = json!({"sources": [format!("{}/slow.png", assets.uri())]});
+    let in_flight = tokio::spawn(async move {
+        answer(client().post(format!("{url}/v1/classify")).json(&slow).send().await.unwrap()).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at = server.at("/healthz");
+    server.stop().await.unwrap();
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(top1(&body["results"][0]), "green");
+    assert!(client().get(at).send().await.is_err(), "still accepting connections");
+}
+
+#[tokio::test]
+async fn the_drain_timeout_cuts_requests_that_take_longer() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &["--drain-timeout", "0.2"])).await;
+    let url = server.url.clone();
+    let slow = json!({"sources": [format!("{}/slow.png", assets.uri())]});
+    let in_flight = tokio::spawn(async move { client().post(format!("{url}/v1/classify")).json(&slow).send().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    server.stop().await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
+    drop(in_flight);
+}
+
+/// Addresses: 127.0.0.1 is allowed, 127.0.0.2 is not (Linux routes all of
+/// 127/8 to the loopback interface).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn only_allowed_addresses_are_reached_directly_or_through_redirects() {
+    let assets = assets(Duration::ZERO).await;
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let other = MockServer::builder().listener(listener).start().await;
+    mount(&other, "/red.png", ResponseTemplate::new(200).set_body_bytes(png([250, 10, 10]))).await;
+    let redirect = |to: String| ResponseTemplate::new(302).insert_header("location", to.as_str());
+    mount(&assets, "/to-other", redirect(format!("{}/red.png", other.uri()))).await;
+    mount(&assets, "/to-named-other", redirect(format!("http://localhost:{}/red.png", other.address().port()))).await;
+    // A chain of redirects on the allowed server: /hop/N goes to /hop/N-1.
+    for n in 1..=6 {
+        let to = if n == 1 { format!("{}/red.png", assets.uri()) } else { format!("{}/hop/{}", assets.uri(), n - 1) };
+        mount(&assets, &format!("/hop/{n}"), redirect(to)).await;
+    }
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let sources = [
+        format!("{}/red.png", assets.uri()),
+        format!("{}/red.png", other.uri()),
+        format!("{}/to-other", assets.uri()),
+        format!("{}/hop/5", assets.uri()),
+        format!("{}/hop/6", assets.uri()),
+        format!("http://[::ffff:127.0.0.2]:{}/red.png", other.address().port()),
+    ];
+    let (status, body) = server.classify(json!({ "sources": sources })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(top1(&results[0]), "red");
+    assert_eq!(results[1]["error"], "address 127.0.0.2 is not allowed (loopback)");
+    assert_eq!(results[2]["error"], "address 127.0.0.2 is not allowed (loopback)");
+    assert_eq!(top1(&results[3]), "red", "five redirects are followed");
+    assert!(results[4]["error"].as_str().unwrap().contains("too many redirects"), "{}", results[4]);
+    assert_eq!(results[5]["error"], "address ::ffff:127.0.0.2 is not allowed (loopback)");
+    assert!(other.received_requests().await.unwrap().is_empty(), "127.0.0.2 was reached");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_count_requests_images_and_the_model() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let sources = [format!("{}/red.png", assets.uri()), format!("{}/missing.png", assets.uri())];
+    assert_eq!(server.classify(json!({ "sources": sources })).await.0, StatusCode::OK);
+    assert_eq!(server.classify(json!({ "sources": [] })).await.0, StatusCode::BAD_REQUEST);
+    let response = client().get(server.at("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    for line in [
+        "classifier_http_requests_total{route=\"/v1/classify\",status=\"200\"} 1",
+        "classifier_http_requests_total{route=\"/v1/classify\",status=\"400\"} 1",
+        "classifier_http_request_duration_seconds_count{route=\"/v1/classify\"} 2",
+        "classifier_http_requests_in_flight 1",
+        "classifier_images_total{model=\"mock\"} 1",
+        "classifier_fetch_total{model=\"mock\"} 1",
+        "classifier_failures_total{model=\"mock\",kind=\"http_status\"} 1",
+        "classifier_model_ready{model=\"mock\"} 1",
+        "classifier_queue_depth{model=\"mock\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    server.stop().await.unwrap();
+}
+
+/// With the real birds model, a queue of one and one worker, a crowd of
+/// requests: every answer is 200 or 503 (with Retry-After), never another.
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let (Some(model), Some(labels), Some(images)) =
+        (shared("birds/model.tflite"), shared("birds/labels.csv"), shared("birds/images"))
+    else {
+        return;
+    };
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(images).unwrap().map(|e| e.unwrap().path()).collect();
+    photos.sort();
+    let photo = std::fs::read(&photos[0]).unwrap();
+    let args = [
+        "serve",
+        "--model",
+        &format!("birds={}", model.display()),
+        "--labels",
+        &format!("birds={}", labels.display()),
+        "--threads",
+        "1",
+        "--batch-size",
+        "1",
+        "--queue",
+        "1",
+        "--no-cache",
+    ];
+    let server = Server::ready(args.iter().map(|s| s.to_string()).collect()).await;
+    let requests = (0..24).map(|_| {
+        let (url, photo) = (server.at("/v1/classify"), photo.clone());
+        async move {
+            let response = client().post(url).header("content-type", "image/jpeg").body(photo).send().await.unwrap();
+            let retry = response.headers().get("retry-after").cloned();
+            let (status, body) = answer(response).await;
+            (status, retry, body)
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let mut counts = (0, 0);
+    for (status, retry, body) in &answers {
+        match *status {
+            StatusCode::OK => counts.0 += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                counts.1 += 1;
+                assert_eq!(retry.as_ref().unwrap(), "1");
+                assert_eq!(body["error"], "overloaded: too many images are waiting for inference");
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(counts.0 >= 1 && counts.1 >= 1, "{counts:?}");
+    server.stop().await.unwrap();
+}
+
+/// Top-1 through the server is the reference runtime's, on the real model.
+#[tokio::test]
+async fn the_birds_model_names_the_bird() {
+    let (Some(model), Some(labels), Some(reference)) =
+        (shared("birds/model.tflite"), shared("birds/labels.csv"), shared("birds/reference.jsonl"))
+    else {
+        return;
+    };
+    let first: Value =
+        serde_json::from_str(std::fs::read_to_string(&reference).unwrap().lines().next().unwrap()).unwrap();
+    let file = first["image"].as_str().unwrap().to_string();
+    let photo = std::fs::read(reference.parent().unwrap().join("images").join(&file)).unwrap();
+    let args = [
+        "serve",
+        "--model",
+        &format!("birds={}", model.display()),
+        "--labels",
+        &format!("birds={}", labels.display()),
+        "--no-cache",
+    ];
+    let server = Server::ready(args.iter().map(|s| s.to_string()).collect()).await;
+    let form = Form::new().part("image", Part::bytes(photo).file_name(file.clone()));
+    let (status, body) = answer(client().post(server.at("/v1/classify")).multipart(form).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let expected = first["top"][0]["label"].as_str().unwrap();
+    assert_eq!(top1(&body["results"][0]), expected);
+    server.stop().await.unwrap();
+}
+
+fn binary() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_classifier"))
+}
+
+#[test]
+fn serve_is_a_subcommand_only_as_the_first_argument() {
+    let dir = std::env::temp_dir().join(format!("classifier-serve-source-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("serve"), png([250, 10, 10])).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let model = fixtures.join("mock_model.tflite");
+    let labels = fixtures.join("mock_labels.csv");
+    for source in ["./serve", "serve"] {
+        let out = binary()
+            .current_dir(&dir)
+            .args(["--model".as_ref(), model.as_os_str(), "--labels".as_ref(), labels.as_os_str()])
+            .args(["--format", "json", "-q", source])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((record["source"].as_str(), top1(&record)), (Some(source), "red"));
+    }
+    let out = binary().args(["serve", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--listen <ADDR:PORT>") && help.contains("CLASSIFIER_LISTEN"), "{help}");
+    let out = binary().args(["serve", "--listen", "nowhere"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_drains_and_exits_0() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = binary()
+        .args(["serve", "--no-cache", "-q"])
+        .env("CLASSIFIER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CLASSIFIER_MODEL", format!("mock={}", fixtures.join("mock_model.tflite").display()))
+        .env("CLASSIFIER_LABELS", format!("mock={}", fixtures.join("mock_labels.csv").display()))
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    let started = Instant::now();
+    loop {
+        if let Ok(response) = client().get(&ready).send().await
+            && response.status() == StatusCode::OK
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, models) = answer(client().get(format!("http://127.0.0.1:{port}/v1/models")).send().await.unwrap()).await;
+    assert_eq!(models["models"][0]["name"], "mock");
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
