@@ -1,4 +1,4 @@
-//! Writes two tiny float32 classifiers of an image's dominant colour (red,
+//! Writes tiny classifiers of an image's dominant colour (red,
 //! green, blue) to `fixtures/`, for the paths the birds model does not take:
 //!
 //! - `float_logits.tflite`: input `[1, 2, 2, 3]` float32 holding raw pixels
@@ -15,6 +15,14 @@
 //!   `ids.txt` (no locale, ids) then `colours-en.txt` (locale `en`: red,
 //!   green, blue), as the birds model has its `/m/` ids beside English names.
 //!
+//! - `float_nchw.tflite`: `float_logits.tflite` taking `[1, 3, 2, 2]`
+//!   (channels first, as models converted from PyTorch do), turned to NHWC
+//!   by a TRANSPOSE first.
+//! - `int8_logits.tflite`: `float_logits.tflite` in int8, input included:
+//!   the input's quantization (scale 1, zero point -128) says it takes raw
+//!   pixels, so it needs no option; its logits come out int8 (scale 0.0125,
+//!   zero point -128), [2.55, 0, 0] for pure red, exactly on the grid.
+//!
 //! Run: `cargo run --example make_float_models`
 
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
@@ -23,23 +31,74 @@ use tract_tflite::tflite::*;
 struct T {
     name: &'static str,
     shape: Vec<i32>,
-    data: Option<Vec<f32>>,
+    ty: TensorType,
+    /// Little-endian values, for a constant.
+    data: Option<Vec<u8>>,
+    /// Scale and zero point, for a quantized tensor.
+    quant: Option<(f32, i64)>,
+}
+
+impl T {
+    fn float(name: &'static str, shape: Vec<i32>, data: Option<Vec<f32>>) -> T {
+        let data = data.map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect());
+        T { name, shape, ty: TensorType::FLOAT32, data, quant: None }
+    }
+}
+
+/// How the network is written.
+#[derive(Default)]
+struct Spec<'a> {
+    gain: f32,
+    softmax: bool,
+    metadata: Option<&'a [u8]>,
+    /// `[1, 3, 2, 2]` in, and a TRANSPOSE to NHWC.
+    channels_first: bool,
+    /// Every tensor int8, the input taking raw pixels.
+    int8: bool,
 }
 
 /// The network: AVERAGE_POOL_2D over the 2x2 image, FULLY_CONNECTED with
 /// `gain` times the identity, then SOFTMAX if `softmax`; with `metadata` as
 /// the model's TFLITE_METADATA.
-fn model(gain: f32, softmax: bool, metadata: Option<&[u8]>) -> Vec<u8> {
+fn model(spec: Spec) -> Vec<u8> {
+    let Spec { gain, softmax, metadata, channels_first, int8 } = spec;
     let identity: Vec<f32> = (0..3).flat_map(|o| (0..3).map(move |i| if o == i { gain } else { 0.0 })).collect();
-    let mut tensors = vec![
-        T { name: "image", shape: vec![1, 2, 2, 3], data: None },
-        T { name: "pooled", shape: vec![1, 1, 1, 3], data: None },
-        T { name: "head/weights", shape: vec![3, 3], data: Some(identity) },
-        T { name: "head/bias", shape: vec![3], data: Some(vec![0.0; 3]) },
-        T { name: "logits", shape: vec![1, 3], data: None },
-    ];
+    let mut tensors = if int8 {
+        // Raw pixels: q = pixel - 128 is the pixel itself at scale 1.
+        let pixels = Some((1.0, -128));
+        let weight_scale = gain / 127.0;
+        let weights = identity.iter().map(|w| (w / weight_scale).round() as i8 as u8).collect();
+        let int8 = |name, shape, quant| T { name, shape, ty: TensorType::INT8, data: None, quant };
+        vec![
+            int8("image", vec![1, 2, 2, 3], pixels),
+            int8("pooled", vec![1, 1, 1, 3], pixels),
+            T { data: Some(weights), ..int8("head/weights", vec![3, 3], Some((weight_scale, 0))) },
+            T {
+                name: "head/bias",
+                shape: vec![3],
+                ty: TensorType::INT32,
+                data: Some(vec![0; 12]),
+                quant: Some((weight_scale, 0)),
+            },
+            int8("logits", vec![1, 3], Some((0.0125, -128))),
+        ]
+    } else {
+        vec![
+            T::float("image", vec![1, 2, 2, 3], None),
+            T::float("pooled", vec![1, 1, 1, 3], None),
+            T::float("head/weights", vec![3, 3], Some(identity)),
+            T::float("head/bias", vec![3], Some(vec![0.0; 3])),
+            T::float("logits", vec![1, 3], None),
+        ]
+    };
     if softmax {
-        tensors.push(T { name: "scores", shape: vec![1, 3], data: None });
+        tensors.push(T::float("scores", vec![1, 3], None));
+    }
+    if channels_first {
+        tensors[0].name = "nhwc";
+        tensors.push(T::float("image", vec![1, 3, 2, 2], None));
+        let perm: Vec<u8> = [0i32, 2, 3, 1].iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push(T { name: "perm", shape: vec![4], ty: TensorType::INT32, data: Some(perm), quant: None });
     }
     let ix = |name: &str| tensors.iter().position(|t| t.name == name).unwrap() as i32;
 
@@ -48,22 +107,29 @@ fn model(gain: f32, softmax: bool, metadata: Option<&[u8]>) -> Vec<u8> {
     let mut flat_tensors = vec![];
     for t in &tensors {
         let buffer = match &t.data {
-            Some(values) => {
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                let data = fb.create_vector(&bytes);
+            Some(bytes) => {
+                let data = fb.create_vector(bytes);
                 buffers.push(Buffer::create(&mut fb, &BufferArgs { data: Some(data) }));
                 buffers.len() as u32 - 1
             }
             None => 0,
         };
         let (shape, name) = (fb.create_vector(&t.shape), fb.create_string(t.name));
+        let quantization = t.quant.map(|(scale, zero_point)| {
+            let (scale, zero_point) = (fb.create_vector(&[scale]), fb.create_vector(&[zero_point]));
+            QuantizationParameters::create(
+                &mut fb,
+                &QuantizationParametersArgs { scale: Some(scale), zero_point: Some(zero_point), ..Default::default() },
+            )
+        });
         flat_tensors.push(Tensor::create(
             &mut fb,
             &TensorArgs {
                 shape: Some(shape),
-                type_: TensorType::FLOAT32,
+                type_: t.ty,
                 buffer,
                 name: Some(name),
+                quantization,
                 ..Default::default()
             },
         ));
@@ -76,7 +142,10 @@ fn model(gain: f32, softmax: bool, metadata: Option<&[u8]>) -> Vec<u8> {
         fb.create_vector(&[entry])
     });
 
-    let codes = [BuiltinOperator::AVERAGE_POOL_2D, BuiltinOperator::FULLY_CONNECTED, BuiltinOperator::SOFTMAX];
+    let mut codes = vec![BuiltinOperator::AVERAGE_POOL_2D, BuiltinOperator::FULLY_CONNECTED, BuiltinOperator::SOFTMAX];
+    if channels_first {
+        codes.push(BuiltinOperator::TRANSPOSE);
+    }
     let code = |c: BuiltinOperator| codes.iter().position(|x| *x == c).unwrap() as u32;
     let pool = Pool2DOptions::create(
         &mut fb,
@@ -91,8 +160,20 @@ fn model(gain: f32, softmax: bool, metadata: Option<&[u8]>) -> Vec<u8> {
     )
     .as_union_value();
     let dense = FullyConnectedOptions::create(&mut fb, &FullyConnectedOptionsArgs::default()).as_union_value();
-    let mut ops_spec = vec![
-        (BuiltinOperator::AVERAGE_POOL_2D, vec!["image"], "pooled", BuiltinOptions::Pool2DOptions, pool),
+    let mut ops_spec = vec![];
+    if channels_first {
+        let options = TransposeOptions::create(&mut fb, &TransposeOptionsArgs {}).as_union_value();
+        ops_spec.push((
+            BuiltinOperator::TRANSPOSE,
+            vec!["image", "perm"],
+            "nhwc",
+            BuiltinOptions::TransposeOptions,
+            options,
+        ));
+    }
+    let pooled = if channels_first { "nhwc" } else { "image" };
+    ops_spec.extend([
+        (BuiltinOperator::AVERAGE_POOL_2D, vec![pooled], "pooled", BuiltinOptions::Pool2DOptions, pool),
         (
             BuiltinOperator::FULLY_CONNECTED,
             vec!["pooled", "head/weights", "head/bias"],
@@ -100,7 +181,7 @@ fn model(gain: f32, softmax: bool, metadata: Option<&[u8]>) -> Vec<u8> {
             BuiltinOptions::FullyConnectedOptions,
             dense,
         ),
-    ];
+    ]);
     if softmax {
         let options = SoftmaxOptions::create(&mut fb, &SoftmaxOptionsArgs { beta: 1.0 }).as_union_value();
         ops_spec.push((BuiltinOperator::SOFTMAX, vec!["logits"], "scores", BuiltinOptions::SoftmaxOptions, options));
@@ -265,18 +346,22 @@ fn stored_zip(files: &[(&str, &[u8])]) -> Vec<u8> {
 fn main() -> std::io::Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     std::fs::create_dir_all(&dir)?;
-    let logits = model(0.01, false, None);
+    let logits = model(Spec { gain: 0.01, ..Spec::default() });
     std::fs::write(dir.join("float_logits.tflite"), &logits)?;
+    let nchw = model(Spec { gain: 0.01, channels_first: true, ..Spec::default() });
+    std::fs::write(dir.join("float_nchw.tflite"), &nchw)?;
+    let int8 = model(Spec { gain: 0.01, int8: true, ..Spec::default() });
+    std::fs::write(dir.join("int8_logits.tflite"), &int8)?;
 
     let labels = [("ids.txt", None), ("colours-en.txt", Some("en"))];
     let described = metadata(&[0.0], &[25.5, 51.0, 102.0], &labels);
-    let mut with_metadata = model(1.0, true, Some(&described));
+    let mut with_metadata = model(Spec { gain: 1.0, softmax: true, metadata: Some(&described), ..Spec::default() });
     with_metadata.extend(stored_zip(&[("ids.txt", b"/c/r\n/c/g\n/c/b\n"), ("colours-en.txt", b"red\ngreen\nblue\n")]));
     std::fs::write(dir.join("float_metadata.tflite"), &with_metadata)?;
-    println!(
-        "wrote float_logits.tflite ({} bytes), float_metadata.tflite ({} bytes)",
-        logits.len(),
-        with_metadata.len()
-    );
+    for (name, bytes) in
+        [("float_logits", &logits), ("float_nchw", &nchw), ("int8_logits", &int8), ("float_metadata", &with_metadata)]
+    {
+        println!("wrote {name}.tflite ({} bytes)", bytes.len());
+    }
     Ok(())
 }

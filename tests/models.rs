@@ -1,6 +1,7 @@
-//! The binary on the project's two float models (`fixtures/float_logits.tflite`
-//! and `fixtures/float_metadata.tflite`, written by `cargo run --example
-//! make_float_models`, which says what they compute): where the input's
+//! The binary on the project's small models (`fixtures/float_logits.tflite`,
+//! `float_nchw.tflite`, `int8_logits.tflite` and `float_metadata.tflite`,
+//! written by `cargo run --example make_float_models`, which says what they
+//! compute): where the input's
 //! normalization, the scores and the labels come from, in their order of
 //! precedence, and the errors of a broken metadata.
 
@@ -74,6 +75,41 @@ fn logits_become_probabilities_unless_raw_is_asked() {
     assert!(close(score, 2.55), "the logit itself: {score}");
     let (_, _, score) = top1(&[&raw_pixels[..], &["--scores", "softmax"]].concat());
     assert!(close(score, 0.8649), "{score}");
+}
+
+/// `float_nchw.tflite` takes `[1, 3, 2, 2]`: fed in NHWC order, a pure
+/// colour would spread over the three channels and every class would tie.
+#[test]
+fn a_channels_first_tflite_model_is_fed_channels_first() {
+    let model = fixture("float_nchw.tflite");
+    let logits = fixture("float_logits.tflite");
+    for (index, rgb) in [[255, 0, 0], [0, 255, 0], [0, 0, 255], [40, 200, 90]].into_iter().enumerate() {
+        let picture = image(&format!("colour{index}"), rgb);
+        let (nchw, _) = records(&["--model", &model, "--mean", "0", "--std", "1", "--scores", "raw", &picture]);
+        let (nhwc, _) = records(&["--model", &logits, "--mean", "0", "--std", "1", "--scores", "raw", &picture]);
+        assert_eq!(nchw[0]["predictions"], nhwc[0]["predictions"], "{rgb:?}");
+    }
+    let (index, _, score) = top1(&["--model", &model, "--mean", "0", "--std", "1", &image("blue", [0, 0, 255])]);
+    assert!(index == 2 && close(score, 0.8649), "{index} {score}");
+}
+
+/// `int8_logits.tflite` takes int8 raw pixels (scale 1, zero point -128):
+/// its quantization is its normalization, no option needed, no guess
+/// warned of; its int8 logits are dequantized, then their softmax taken.
+#[test]
+fn an_int8_input_is_normalized_by_its_quantization() {
+    let model = fixture("int8_logits.tflite");
+    let out = run(&["--model", &model, "--format", "json", &red()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("127.5"), "{stderr}");
+    let (index, label, score) = top1(&["--model", &model, &red()]);
+    assert_eq!((index, label), (0, Value::Null));
+    assert!(close(score, 0.8649), "softmax of the logits [2.55, 0, 0]: {score}");
+    let (index, _, score) = top1(&["--model", &model, "--scores", "raw", &image("green", [0, 255, 0])]);
+    assert!(index == 1 && close(score, 2.55), "{index} {score}");
+    // Both arithmetics agree where every value is on its grid.
+    let (_, _, float) = top1(&["--model", &model, "--arithmetic", "float", "--scores", "raw", &red()]);
+    assert!(close(float, 2.55), "{float}");
 }
 
 #[test]

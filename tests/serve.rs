@@ -680,3 +680,32 @@ async fn sigterm_drains_and_exits_0() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// The command line's model options apply to every model served: the float
+/// logits model fed raw pixels answers its logit with `--scores raw`, and
+/// its softmax without.
+#[tokio::test]
+async fn the_command_lines_model_options_apply_to_the_models_served() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/float_logits.tflite");
+    let model = format!("logits={}", model.display());
+    let red = png([255, 0, 0]);
+    let top_score = |server: &Server| {
+        let request = client().post(server.at("/v1/classify")).header("content-type", "image/png").body(red.clone());
+        async move {
+            let (status, body) = answer(request.send().await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["results"][0]["predictions"][0]["score"].as_f64().unwrap()
+        }
+    };
+    let raw_pixels = ["serve", "--model", &model, "--mean", "0", "--std", "1", "--threads", "1"];
+    let args = |extra: &[&str]| [&raw_pixels[..], extra].concat().into_iter().map(String::from).collect();
+    let server = Server::ready(args(&["--scores", "raw"])).await;
+    // logits [2.55, 0, 0] for a pure red image in [0, 255]
+    let score = top_score(&server).await;
+    assert!((score - 2.55).abs() < 0.01, "the logit itself: {score}");
+    server.stop().await.unwrap();
+    let server = Server::ready(args(&[])).await;
+    let score = top_score(&server).await;
+    assert!((score - 0.8649).abs() < 0.01, "the softmax of the logits: {score}");
+    server.stop().await.unwrap();
+}

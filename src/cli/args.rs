@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 use crate::input::cache::Cache;
-use crate::model::Channels;
+use crate::model::{Arithmetic, Channels, MeanStd};
 use crate::rank::Scores;
 use crate::render::Format;
 
@@ -62,11 +62,8 @@ pub struct Args {
     #[arg(long)]
     pub no_exif_orientation: bool,
 
-    /// How a quantized model computes: `quantized` rounds every activation
-    /// to its 8-bit grid, as the quantized runtime does; `float` leaves the
-    /// float32 rebuild unrounded. Float models are unaffected.
-    #[arg(long, value_enum, default_value_t = ArithmeticArg::Quantized)]
-    pub arithmetic: ArithmeticArg,
+    #[command(flatten)]
+    pub model_options: ModelArgs,
 
     /// The classifier: a URL or a path, to a TensorFlow Lite or ONNX file or
     /// a .tar.gz holding one (recognised by content, not name). [default:
@@ -75,37 +72,12 @@ pub struct Args {
     #[arg(long, value_name = "URL|PATH")]
     pub model: Option<String>,
 
-    /// The order of the colour channels the model was trained on: bgr for
-    /// models trained on images read by OpenCV or Caffe.
-    #[arg(long, value_enum, default_value_t = ChannelOrder::Rgb)]
-    pub channels: ChannelOrder,
-
     /// The label map: a CSV with an `id,name` header, or one label a line.
     /// [default: for the default model, its AIY label map; for a model given
     /// with --model, the label file embedded in it, else none (classes are
     /// named by index)]
     #[arg(long, value_name = "URL|PATH")]
     pub labels: Option<String>,
-
-    /// The pixel mean, subtracted from each pixel in [0, 255] before it is
-    /// divided by --std: one value, or one per channel (R,G,B). With --std it
-    /// takes the place of the model's own normalization (its metadata's, its
-    /// quantization's, else the guess 127.5).
-    #[arg(long, value_name = "M[,M,M]", requires = "std", allow_hyphen_values = true, value_parser = mean)]
-    pub mean: Option<[f32; 3]>,
-
-    /// The pixel standard deviation, by which (pixel - mean) is divided: one
-    /// value, or one per channel (R,G,B). `--mean 0 --std 1` feeds raw
-    /// pixels in [0, 255]; `--mean 0 --std 255` feeds [0, 1].
-    #[arg(long, value_name = "S[,S,S]", requires = "mean", allow_hyphen_values = true, value_parser = std_dev)]
-    pub std: Option<[f32; 3]>,
-
-    /// What the printed scores are: `auto`, a probability (the model's
-    /// outputs when its graph ends in SOFTMAX or LOGISTIC, else their
-    /// softmax); `softmax`, the softmax of the outputs; `raw`, the outputs as
-    /// the model gives them.
-    #[arg(long, value_enum, default_value_t = Scores::Auto)]
-    pub scores: Scores,
 
     /// How many predictions to print per image.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -162,6 +134,59 @@ pub struct Args {
     /// Print a man page or shell completions on stdout, and exit.
     #[arg(long, value_enum, value_name = "KIND", exclusive = true)]
     pub generate: Option<super::Generate>,
+}
+
+/// How a model is fed and read, for the command line and the server alike:
+/// where these are not given, each model says (its metadata, its
+/// quantization, its last op).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// The pixel mean, subtracted from each pixel in [0, 255] before it is
+    /// divided by --std: one value, or one per channel (R,G,B). With --std it
+    /// takes the place of the model's own normalization (its metadata's, its
+    /// quantization's, else the guess 127.5).
+    #[arg(long, env = "CLASSIFIER_MEAN", value_name = "M[,M,M]", requires = "std", allow_hyphen_values = true, value_parser = mean)]
+    pub mean: Option<[f32; 3]>,
+
+    /// The pixel standard deviation, by which (pixel - mean) is divided: one
+    /// value, or one per channel (R,G,B). `--mean 0 --std 1` feeds raw
+    /// pixels in [0, 255]; `--mean 0 --std 255` feeds [0, 1].
+    #[arg(long, env = "CLASSIFIER_STD", value_name = "S[,S,S]", requires = "mean", allow_hyphen_values = true, value_parser = std_dev)]
+    pub std: Option<[f32; 3]>,
+
+    /// What the printed scores are: `auto`, a probability (the model's
+    /// outputs when its graph ends in SOFTMAX or LOGISTIC, else their
+    /// softmax); `softmax`, the softmax of the outputs; `raw`, the outputs as
+    /// the model gives them.
+    #[arg(long, env = "CLASSIFIER_SCORES", value_enum, default_value_t = Scores::Auto)]
+    pub scores: Scores,
+
+    /// How a quantized model computes: `quantized` rounds every activation
+    /// to its 8-bit grid, as the quantized runtime does; `float` leaves the
+    /// float32 rebuild unrounded. Float models are unaffected.
+    #[arg(long, env = "CLASSIFIER_ARITHMETIC", value_enum, default_value_t = ArithmeticArg::Quantized)]
+    pub arithmetic: ArithmeticArg,
+
+    /// The order of the colour channels the model was trained on: bgr for
+    /// models trained on images read by OpenCV or Caffe.
+    #[arg(long, env = "CLASSIFIER_CHANNELS", value_enum, default_value_t = ChannelOrder::Rgb)]
+    pub channels: ChannelOrder,
+}
+
+impl ModelArgs {
+    pub fn normalization(&self) -> Option<MeanStd> {
+        match (self.mean, self.std) {
+            (Some(mean), Some(std)) => Some(MeanStd { mean, std }),
+            _ => None,
+        }
+    }
+
+    pub fn arithmetic(&self) -> Arithmetic {
+        match self.arithmetic {
+            ArithmeticArg::Quantized => Arithmetic::Quantized,
+            ArithmeticArg::Float => Arithmetic::Float,
+        }
+    }
 }
 
 /// `--arithmetic`, as clap reads it (the model takes `model::Arithmetic`).
@@ -328,13 +353,13 @@ mod tests {
     fn mean_and_std_go_together_and_errors_name_the_option() {
         let parse = |args: &[&str]| Args::try_parse_from([&["classifier"], args, &["a.jpg"]].concat());
         let args = parse(&["--mean", "0", "--std", "1"]).unwrap();
-        assert_eq!((args.mean, args.std), (Some([0.0; 3]), Some([1.0; 3])));
-        assert_eq!(args.scores, Scores::Auto);
+        assert_eq!((args.model_options.mean, args.model_options.std), (Some([0.0; 3]), Some([1.0; 3])));
+        assert_eq!(args.model_options.scores, Scores::Auto);
         let err = parse(&["--std", "0", "--mean", "0"]).unwrap_err().to_string();
         assert!(err.contains("--std") && err.contains("divides by zero"), "{err}");
         let err = parse(&["--mean", "0"]).unwrap_err().to_string();
         assert!(err.contains("--std"), "{err}");
-        assert_eq!(parse(&["--scores", "raw"]).unwrap().scores, Scores::Raw);
+        assert_eq!(parse(&["--scores", "raw"]).unwrap().model_options.scores, Scores::Raw);
         assert!(parse(&["--scores", "logits"]).is_err());
     }
 

@@ -7,7 +7,6 @@ use anyhow::{Context, bail};
 use super::args::{self, Args, Shard};
 use crate::engine::EngineSettings;
 use crate::input::{ExpandOptions, FetchSettings, Source, SourcePolicy};
-use crate::model::{Arithmetic, MeanStd};
 use crate::render::Format;
 
 /// What one run of the command line does.
@@ -44,18 +43,14 @@ impl Settings {
             (None, None) => Some(Source::parse(args::DEFAULT_LABELS_URL)?),
             (None, Some(_)) => None,
         };
-        let normalization = match (args.mean, args.std) {
-            (Some(mean), Some(std)) => Some(MeanStd { mean, std }),
-            _ => None,
-        };
         let threads = args.threads();
         let batch_size = args.batch_size as usize;
         let engine = EngineSettings {
             model,
             model_input,
             labels,
-            normalization,
-            scores: args.scores,
+            normalization: args.model_options.normalization(),
+            scores: args.model_options.scores,
             threads,
             batch_size,
             // Enough to keep every worker busy with a full batch while the
@@ -63,11 +58,8 @@ impl Settings {
             queue: batch_size * threads,
             max_image_bytes: args.max_image_bytes,
             exif_orientation: !args.no_exif_orientation,
-            arithmetic: match args.arithmetic {
-                args::ArithmeticArg::Quantized => Arithmetic::Quantized,
-                args::ArithmeticArg::Float => Arithmetic::Float,
-            },
-            channels: args.channels.into(),
+            arithmetic: args.model_options.arithmetic(),
+            channels: args.model_options.channels.into(),
         };
         // The user names the sources: every file and address is theirs to read.
         let fetch = FetchSettings { timeout: args.timeout(), policy: SourcePolicy::ALLOW_ALL, cache: args.cache() };

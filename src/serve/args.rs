@@ -42,6 +42,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "CIDR", env = "CLASSIFIER_ALLOW_ADDRESS", value_delimiter = ',')]
     pub allow_address: Vec<IpNet>,
 
+    /// How every model served is fed and read, as on the command line.
+    #[command(flatten)]
+    pub model_options: crate::cli::ModelArgs,
+
     /// Predictions per image when a request does not say.
     #[arg(long, value_name = "N", env = "CLASSIFIER_TOP_K", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -12,8 +12,6 @@ use crate::cli::{DEFAULT_LABELS_URL, DEFAULT_MODEL_INPUT, DEFAULT_MODEL_URL, FAL
 use crate::engine::EngineSettings;
 use crate::input::cache::Cache;
 use crate::input::{FetchSettings, Source, SourcePolicy};
-use crate::model::{Arithmetic, Channels};
-use crate::rank::Scores;
 
 /// The name of the default model.
 pub const DEFAULT_MODEL_NAME: &str = "birds";
@@ -76,12 +74,11 @@ impl ServeSettings {
             queue: args.queue as usize,
             max_image_bytes: args.max_image_bytes,
             exif_orientation: !args.no_exif_orientation,
-            // The model options of the command line are not served yet:
-            // each model normalizes, scores and computes as it says.
-            normalization: None,
-            scores: Scores::Auto,
-            arithmetic: Arithmetic::default(),
-            channels: Channels::Rgb,
+            // As on the command line, for every model served.
+            normalization: args.model_options.normalization(),
+            scores: args.model_options.scores,
+            arithmetic: args.model_options.arithmetic(),
+            channels: args.model_options.channels.into(),
         };
         let models = models(&model_args, &label_args)?
             .into_iter()

@@ -83,6 +83,7 @@ impl<'a> Graph<'a> {
                 | BuiltinOperator::REDUCE_MAX
                 | BuiltinOperator::PAD
                 | BuiltinOperator::PADV2
+                | BuiltinOperator::TRANSPOSE
                 | BuiltinOperator::CONCATENATION
                 | BuiltinOperator::QUANTIZE
         );
@@ -291,7 +292,9 @@ impl<'a> Graph<'a> {
                 let keep_dims = f.builtin_options_as_reducer_options().map(|o| o.keep_dims()).unwrap_or(false);
                 out.op(op.code, all_inputs(2)?, vec![output], Options::Reducer { keep_dims });
             }
-            BuiltinOperator::PAD | BuiltinOperator::PADV2 => {
+            // TRANSPOSE: a model converted from an NCHW framework often
+            // takes [1, 3, H, W] and turns it to NHWC first.
+            BuiltinOperator::PAD | BuiltinOperator::PADV2 | BuiltinOperator::TRANSPOSE => {
                 let inputs = (0..op.inputs.len()).map(input).collect::<Result<_>>()?;
                 out.op(op.code, inputs, vec![output], Options::None);
             }
