@@ -33,12 +33,27 @@ pub struct JsonPrediction<'a> {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Record<'a> {
-    Predictions { source: &'a str, predictions: Vec<JsonPrediction<'a>> },
-    Error { source: &'a str, error: String },
+    Predictions {
+        source: &'a str,
+        predictions: Vec<JsonPrediction<'a>>,
+        /// A server's answer from its result cache; never on the command line.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cached: bool,
+    },
+    Error {
+        source: &'a str,
+        error: String,
+    },
 }
 
 impl<'a> Record<'a> {
     pub fn new(source: &'a str, outcome: &'a Outcome) -> Record<'a> {
+        Record::of(source, outcome.as_deref(), false)
+    }
+
+    /// The record of predictions or an error held elsewhere (shared by a
+    /// server's result cache, say).
+    pub fn of(source: &'a str, outcome: Result<&'a [Prediction], &SourceError>, cached: bool) -> Record<'a> {
         match outcome {
             Ok(predictions) => Record::Predictions {
                 source,
@@ -46,6 +61,7 @@ impl<'a> Record<'a> {
                     .iter()
                     .map(|p| JsonPrediction { label: p.label.as_deref(), index: p.index, score: round(p.score) })
                     .collect(),
+                cached,
             },
             Err(error) => Record::Error { source, error: error.to_string() },
         }

@@ -553,6 +553,9 @@ async fn a_full_queue_answers_503_with_retry_after() {
         "--queue",
         "1",
         "--no-cache",
+        // One photo sent 24 times: each must reach the queue.
+        "--cache-entries",
+        "0",
     ];
     let server = Server::ready(args.iter().map(|s| s.to_string()).collect()).await;
     let requests = (0..24).map(|_| {
@@ -707,5 +710,234 @@ async fn the_command_lines_model_options_apply_to_the_models_served() {
     let server = Server::ready(args(&[])).await;
     let score = top_score(&server).await;
     assert!((score - 0.8649).abs() < 0.01, "the softmax of the logits: {score}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_an_api_key_classify_needs_it_and_health_does_not() {
+    let assets = assets(Duration::ZERO).await;
+    let dir = std::env::temp_dir().join(format!("classifier-serve-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, "s3cret\n").unwrap();
+    let server = Server::ready(mock_args(&assets, &["--api-key-file", key_file.to_str().unwrap()])).await;
+    let body = json!({"sources": [format!("{}/red.png", assets.uri())]});
+    let classify = |key: Option<&str>| {
+        let request = client().post(server.at("/v1/classify")).json(&body);
+        match key {
+            Some(key) => request.header("authorization", key),
+            None => request,
+        }
+        .send()
+    };
+
+    let response = classify(None).await.unwrap();
+    assert_eq!(response.headers()["www-authenticate"], r#"Bearer realm="classifier""#);
+    let (status, answer_body) = answer(response).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(answer_body["error"].as_str().unwrap().contains("Authorization: Bearer"), "{answer_body}");
+    for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"] {
+        let response = classify(Some(wrong)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{wrong}");
+    }
+    let response = classify(Some("Bearer wrong")).await.unwrap();
+    assert!(response.headers()["www-authenticate"].to_str().unwrap().contains("invalid_token"));
+    assert_eq!(answer(response).await.1, json!({"error": "wrong API key"}));
+    let (status, answer_body) = answer(classify(Some("Bearer s3cret")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{answer_body}");
+    assert_eq!(top1(&answer_body["results"][0]), "red");
+    // What orchestrators and scrapers call holds no key.
+    for open in ["/healthz", "/readyz", "/metrics", "/v1/models"] {
+        assert_eq!(client().get(server.at(open)).send().await.unwrap().status(), StatusCode::OK, "{open}");
+    }
+    server.stop().await.unwrap();
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn cors_is_off_unless_origins_are_named() {
+    let assets = assets(Duration::ZERO).await;
+    let preflight = |server: &Server| {
+        client()
+            .request(reqwest::Method::OPTIONS, server.at("/v1/classify"))
+            .header("origin", "https://photos.example.org")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let response = preflight(&server).await.unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+    server.stop().await.unwrap();
+
+    let server = Server::ready(mock_args(&assets, &["--cors-origin", "https://photos.example.org"])).await;
+    let response = preflight(&server).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["access-control-allow-origin"], "https://photos.example.org");
+    let allowed = response.headers()["access-control-allow-headers"].to_str().unwrap().to_string();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+    // Another origin is not told it may.
+    let response =
+        client().get(server.at("/v1/models")).header("origin", "https://evil.example.net").send().await.unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+    let response =
+        client().get(server.at("/v1/models")).header("origin", "https://photos.example.org").send().await.unwrap();
+    assert_eq!(response.headers()["access-control-allow-origin"], "https://photos.example.org");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn results_are_cached_by_url_and_by_content_and_a_url_is_fetched_once() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let red = format!("{}/red.png", assets.uri());
+    let (_, first) = server.classify(json!({"sources": [&red]})).await;
+    assert!(first["results"][0].get("cached").is_none(), "{first}");
+    let (_, again) = server.classify(json!({"sources": [&red]})).await;
+    assert_eq!(again["results"][0]["cached"], true, "{again}");
+    assert_eq!(again["results"][0]["predictions"], first["results"][0]["predictions"]);
+    // Another top_k is another result.
+    let (_, other_k) = server.classify(json!({"sources": [&red], "top_k": 1})).await;
+    assert!(other_k["results"][0].get("cached").is_none(), "{other_k}");
+
+    // Eight requests at once for a slow URL: one download, one classification.
+    let slow = format!("{}/slow.png", assets.uri());
+    let answers = futures::future::join_all((0..8).map(|_| server.classify(json!({"sources": [&slow]})))).await;
+    let fetched = assets.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/slow.png").count();
+    assert_eq!(fetched, 1);
+    assert!(answers.iter().all(|(status, body)| *status == StatusCode::OK && top1(&body["results"][0]) == "green"));
+    assert_eq!(answers.iter().filter(|(_, body)| body["results"][0].get("cached").is_none()).count(), 1);
+
+    // An upload is known by its content, whatever its name.
+    let upload = |name: &'static str| {
+        let form = Form::new().part("image", Part::bytes(png([10, 10, 250])).file_name(name));
+        client().post(server.at("/v1/classify")).multipart(form).send()
+    };
+    let first = answer(upload("a.png").await.unwrap()).await.1;
+    let second = answer(upload("b.png").await.unwrap()).await.1;
+    assert!(first["results"][0].get("cached").is_none());
+    assert_eq!((&second["results"][0]["source"], &second["results"][0]["cached"]), (&json!("b.png"), &json!(true)));
+
+    // Failures are not kept: a URL that was missing is fetched again.
+    let missing = format!("{}/later.png", assets.uri());
+    let (_, gone) = server.classify(json!({"sources": [&missing]})).await;
+    assert_eq!(gone["results"][0]["error"], "HTTP 404 Not Found");
+    mount(&assets, "/later.png", ResponseTemplate::new(200).set_body_bytes(png([250, 10, 10]))).await;
+    let (_, found) = server.classify(json!({"sources": [&missing]})).await;
+    assert_eq!(top1(&found["results"][0]), "red");
+
+    let text = client().get(server.at("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in ["classifier_result_cache_hits_total 9", "classifier_result_cache_misses_total 6"] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    server.stop().await.unwrap();
+
+    let server = Server::ready(mock_args(&assets, &["--cache-entries", "0"])).await;
+    for _ in 0..2 {
+        let (_, body) = server.classify(json!({"sources": [&red]})).await;
+        assert!(body["results"][0].get("cached").is_none(), "{body}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn usage_reports_the_most_asked_sources_with_their_times() {
+    let assets = assets(Duration::ZERO).await;
+    let dir = std::env::temp_dir().join(format!("classifier-serve-usage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("key"), "k").unwrap();
+    let key_file = dir.join("key").display().to_string();
+    let server = Server::ready(mock_args(&assets, &["--api-key-file", &key_file, "--usage-top", "2"])).await;
+    let (red, blue) = (format!("{}/red.png", assets.uri()), format!("{}/blue.png", assets.uri()));
+    let classify = |body: Value| client().post(server.at("/v1/classify")).bearer_auth("k").json(&body).send();
+    for sources in [json!([&red, &blue]), json!([&red]), json!([&red, "ftp://h/x.png"])] {
+        assert_eq!(classify(json!({ "sources": sources })).await.unwrap().status(), StatusCode::OK);
+    }
+    let upload = || {
+        client()
+            .post(server.at("/v1/classify"))
+            .bearer_auth("k")
+            .header("content-type", "image/png")
+            .body(png([250, 10, 10]))
+            .send()
+    };
+    upload().await.unwrap();
+    upload().await.unwrap();
+    let usage = |query: &str| client().get(server.at(&format!("/v1/usage{query}"))).bearer_auth("k").send();
+    let (status, report) = answer(usage("").await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["window_seconds"], 259200.0);
+    assert_eq!(report["exact"], true);
+    let sources = report["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 2, "--usage-top: {report}");
+    assert_eq!(
+        (&sources[0]["source"], &sources[0]["requests"], &sources[0]["failures"]),
+        (&json!(red), &json!(3), &json!(0))
+    );
+    let digest = sources[1]["source"].as_str().unwrap();
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    assert_eq!(sources[1]["requests"], 2);
+    let (min, mean, max) = (
+        sources[0]["min_ms"].as_f64().unwrap(),
+        sources[0]["mean_ms"].as_f64().unwrap(),
+        sources[0]["max_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= mean && mean <= max && max < 30_000.0, "{}", sources[0]);
+
+    let (_, all) = answer(usage("?top=10").await.unwrap()).await;
+    let all: Vec<(&str, u64)> = all["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["source"].as_str().unwrap(), s["requests"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert!(all.contains(&(blue.as_str(), 1)) && all.contains(&("ftp://h/x.png", 1)), "{all:?}");
+    for bad in ["?top=0", "?top=x", "?top=100000", "?other=1"] {
+        let (status, body) = answer(usage(bad).await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["error"].is_string());
+    }
+    // The report tells what others asked: it takes the key.
+    let response = client().get(server.at("/v1/usage")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every route of the OpenAPI document is served, and the routes a client
+/// looks for first are in it.
+#[tokio::test]
+async fn the_openapi_document_describes_the_routes_served() {
+    let assets = assets(Duration::ZERO).await;
+    let server = Server::ready(mock_args(&assets, &[])).await;
+    let (status, doc) = answer(client().get(server.at("/openapi.json")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented = vec![];
+    for (path, methods) in paths {
+        for method in methods.as_object().unwrap().keys() {
+            documented.push(format!("{} {path}", method.to_uppercase()));
+            let url = server.at(&path.replace("{name}", "mock").replace("{version}", "1"));
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = client().request(method, url).send().await.unwrap();
+            let status = response.status();
+            let text = response.text().await.unwrap();
+            assert!(status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("no route"), "{path}: {status} {text}");
+        }
+    }
+    // What a client of the API would look for first.
+    for route in ["POST /v1/classify", "GET /v1/models", "GET /v1/usage", "GET /healthz", "GET /readyz", "GET /metrics"]
+    {
+        assert!(documented.iter().any(|d| d == route), "{route} is not documented: {documented:?}");
+    }
+    // Every $ref resolves.
+    let text = doc.to_string();
+    for reference in text.split("\"$ref\":\"#/").skip(1) {
+        let pointer = format!("/{}", &reference[..reference.find('"').unwrap()]);
+        assert!(doc.pointer(&pointer).is_some(), "{pointer} does not resolve");
+    }
     server.stop().await.unwrap();
 }

@@ -42,6 +42,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "CIDR", env = "CLASSIFIER_ALLOW_ADDRESS", value_delimiter = ',')]
     pub allow_address: Vec<IpNet>,
 
+    /// A file holding the API key: then classify, infer and usage require
+    /// `Authorization: Bearer KEY`. CLASSIFIER_API_KEY holds the key itself.
+    /// [default: no key]
+    #[arg(long, value_name = "PATH", env = "CLASSIFIER_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// An origin whose pages may call the API from a browser (CORS), such
+    /// as https://photos.example.org, repeatable; `*` for any.
+    /// Comma-separated in the variable. [default: none]
+    #[arg(long, value_name = "ORIGIN", env = "CLASSIFIER_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
     /// How every model served is fed and read, as on the command line.
     #[command(flatten)]
     pub model_options: crate::cli::ModelArgs,
@@ -115,6 +127,26 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", env = "CLASSIFIER_THREADS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: Option<u32>,
 
+    /// How long a result stays in the result cache, in seconds; 0 turns
+    /// the cache off.
+    #[arg(long, value_name = "SECS", env = "CLASSIFIER_CACHE_TTL", default_value_t = 3600.0,
+          value_parser = seconds_or_zero)]
+    pub cache_ttl: f64,
+
+    /// Most results in the result cache; 0 turns it off.
+    #[arg(long, value_name = "N", env = "CLASSIFIER_CACHE_ENTRIES", default_value_t = 1024)]
+    pub cache_entries: u64,
+
+    /// The window of GET /v1/usage, in seconds. [default: 3 days]
+    #[arg(long, value_name = "SECS", env = "CLASSIFIER_USAGE_WINDOW", default_value_t = 259_200.0,
+          value_parser = positive_seconds, hide_default_value = true)]
+    pub usage_window: f64,
+
+    /// Sources in a usage report when the request does not say (?top=N).
+    #[arg(long, value_name = "N", env = "CLASSIFIER_USAGE_TOP", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub usage_top: u32,
+
     /// Largest image accepted, in bytes.
     #[arg(long, value_name = "BYTES", env = "CLASSIFIER_MAX_IMAGE_BYTES", default_value_t = 64 << 20)]
     pub max_image_bytes: u64,
@@ -150,6 +182,10 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
+}
+
+fn seconds_or_zero(s: &str) -> Result<f64, String> {
+    if s.trim() == "0" { Ok(0.0) } else { positive_seconds(s) }
 }
 
 /// Whether the command line asks for the server: `serve` as the first

@@ -35,6 +35,8 @@ pub struct ServeMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: Histograms,
     pub in_flight: Gauge<i64, AtomicI64>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
 }
 
 impl ServeMetrics {
@@ -52,8 +54,12 @@ impl ServeMetrics {
         );
         let in_flight = Gauge::default();
         registry.register("http_requests_in_flight", "HTTP requests being handled", in_flight.clone());
+        let cache_hits = Counter::default();
+        registry.register("result_cache_hits", "Sources answered from the result cache", cache_hits.clone());
+        let cache_misses = Counter::default();
+        registry.register("result_cache_misses", "Sources classified with the result cache on", cache_misses.clone());
         registry.register_collector(Box::new(Engines(engines)));
-        ServeMetrics { registry, requests, duration, in_flight }
+        ServeMetrics { registry, requests, duration, in_flight, cache_hits, cache_misses }
     }
 
     /// One answer to `route` (its pattern, not the path asked for, so that

@@ -12,11 +12,14 @@
 //! the header read timeout (a slow client cannot hold a connection) and a
 //! graceful shutdown bounded by the drain timeout.
 
+mod access;
 pub mod args;
+mod cache;
 mod errors;
 mod metrics;
 mod routes;
 pub mod settings;
+mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,7 +43,7 @@ use tracing::{error, info, warn};
 
 pub use args::ServeArgs;
 pub use errors::{ApiError, RETRY_AFTER_SECS};
-pub use settings::{Limits, ModelSettings, ServeSettings};
+pub use settings::{Access, Limits, ModelSettings, ServeSettings};
 
 use crate::engine::Engine;
 use crate::input::Fetcher;
@@ -65,6 +68,9 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
         images: Arc::new(Semaphore::new(settings.limits.concurrency)),
         draining: Default::default(),
         metrics,
+        cache: cache::ResultCache::new(settings.limits.cache_entries, settings.limits.cache_ttl),
+        usage: usage::Usage::new(settings.limits.usage_window),
+        usage_top: settings.limits.usage_top,
     });
     // Past the in-flight limit a request is refused at once, not queued.
     let in_flight = ServiceBuilder::new()
@@ -76,11 +82,14 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
     let router = Router::new()
         .route("/v1/classify", post(routes::classify).route_layer(in_flight))
         .route("/v1/models", get(routes::models))
+        .route("/v1/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn_with_state(settings.access.api_key.clone().map(Arc::new), access::require_key))
         .layer(middleware::from_fn_with_state(app.clone(), count))
         // The body is read under the server's own limit (routes::read_body).
         .layer(DefaultBodyLimit::disable())
@@ -88,6 +97,12 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
             ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))
         .with_state(app.clone());
+    // Outermost, so that a preflight is answered before the key is asked
+    // for, and refusals carry the headers a page needs to read them.
+    let router = match access::cors(&settings.access.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
     Ok((router, app))
 }
 

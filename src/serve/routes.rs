@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use super::cache::{self, ResultCache};
 use super::errors::ApiError;
 use super::metrics::ServeMetrics;
 use super::settings::Limits;
+use super::usage::{self, Usage};
 use crate::deadline::Deadline;
 use crate::engine::{Engine, Input, Request, SourceError, WhenFull};
 use crate::input::Source;
@@ -44,6 +46,10 @@ pub struct App {
     pub images: Arc<Semaphore>,
     pub draining: AtomicBool,
     pub metrics: ServeMetrics,
+    pub cache: ResultCache,
+    pub usage: Usage,
+    /// Sources in a usage report when the request does not say.
+    pub usage_top: usize,
 }
 
 impl App {
@@ -101,6 +107,33 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
             .into_response(),
         Err(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics").into_response(),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    top: Option<usize>,
+}
+
+pub async fn usage(
+    State(app): State<Arc<App>>,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<usage::Report>, ApiError> {
+    let query = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let top = match query.top {
+        None => app.usage_top,
+        Some(top) if (1..=usage::TRACKED).contains(&top) => top,
+        Some(top) => return Err(ApiError::bad_request(format!("bad top {top}: expected 1 to {}", usage::TRACKED))),
+    };
+    Ok(Json(app.usage.report(top)))
+}
+
+/// The routes' contract, written once here and checked against the router
+/// by the tests.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 pub async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -186,28 +219,47 @@ pub async fn classify(State(app): State<Arc<App>>, request: axum::extract::Reque
         deadline: Deadline::after(app.limits.request_timeout),
         when_full: WhenFull::Refuse,
     };
-    let outcomes: Vec<Outcome> = futures::future::join_all(asked.inputs.iter().map(|(_, input)| {
-        let input = input.clone();
-        let (app, engine) = (&app, &served.engine);
+    let top_k = request.top_k;
+    let outcomes: Vec<(cache::Shared, bool)> = futures::future::join_all(asked.inputs.iter().map(|(given, input)| {
+        let (app, served) = (&app, served);
         async move {
-            match input {
-                Ok(input) => classify_one(app, engine, input, request).await,
-                Err(reason) => Err(SourceError::Invalid(reason)),
+            let started = std::time::Instant::now();
+            let (outcome, cached) = match input {
+                Ok(input) => {
+                    let key = cache::Key::new(&served.name, input, top_k);
+                    let classify = classify_one(app, &served.engine, input.clone(), request);
+                    app.cache.get_or_classify(key, classify).await
+                }
+                Err(reason) => (Err(Arc::new(SourceError::Invalid(reason.clone()))), false),
+            };
+            let name = input.as_ref().map_or_else(|_| usage::cut(given.clone()), usage::source_of);
+            app.usage.record(name, started.elapsed(), outcome.is_err());
+            if app.cache.is_on() && input.is_ok() {
+                let counter = if cached { &app.metrics.cache_hits } else { &app.metrics.cache_misses };
+                counter.inc();
             }
+            (outcome, cached)
         }
     }))
     .await;
     // A full queue or a model gone is the server's state, not the source's:
     // the whole request is to be tried again.
-    for outcome in &outcomes {
-        match outcome {
-            Err(e @ SourceError::Overloaded) => return Err(ApiError::unavailable(e.to_string())),
-            Err(e @ SourceError::Unavailable) => return Err(ApiError::unavailable(e.to_string())),
-            _ => {}
+    for (outcome, _) in &outcomes {
+        if let Err(e) = outcome
+            && matches!(e.as_ref(), SourceError::Overloaded | SourceError::Unavailable)
+        {
+            return Err(ApiError::unavailable(e.to_string()));
         }
     }
-    let results: Vec<Record> =
-        asked.inputs.iter().zip(&outcomes).map(|((source, _), outcome)| Record::new(source, outcome)).collect();
+    let results: Vec<Record> = asked
+        .inputs
+        .iter()
+        .zip(&outcomes)
+        .map(|((source, _), (outcome, cached))| {
+            let outcome = outcome.as_ref().map(|p| p.as_slice()).map_err(|e| e.as_ref());
+            Record::of(source, outcome, *cached)
+        })
+        .collect();
     Ok(Json(Answer { model: &served.name, results }).into_response())
 }
 

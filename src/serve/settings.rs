@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use axum::http::HeaderValue;
 
+use super::access::ApiKey;
 use super::args::ServeArgs;
 use crate::cli::{DEFAULT_LABELS_URL, DEFAULT_MODEL_INPUT, DEFAULT_MODEL_URL, FALLBACK_MODEL_URL};
 use crate::engine::EngineSettings;
@@ -26,6 +28,16 @@ pub struct ServeSettings {
     /// the fetcher's trusted client.
     pub fetch: FetchSettings,
     pub limits: Limits,
+    pub access: Access,
+}
+
+/// Who may call what.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Required on classify, infer and usage when set.
+    pub api_key: Option<ApiKey>,
+    /// Origins allowed to call from a browser; `*` for any.
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 /// One model served, by name.
@@ -51,6 +63,11 @@ pub struct Limits {
     /// Images being downloaded or decoded at once, over all requests.
     pub concurrency: usize,
     pub drain_timeout: Duration,
+    /// Results kept in the result cache (0: none), and for how long.
+    pub cache_entries: u64,
+    pub cache_ttl: Duration,
+    pub usage_window: Duration,
+    pub usage_top: usize,
 }
 
 impl ServeSettings {
@@ -103,9 +120,54 @@ impl ServeSettings {
             max_in_flight: args.max_in_flight as usize,
             concurrency: args.concurrency as usize,
             drain_timeout: Duration::from_secs_f64(args.drain_timeout),
+            cache_entries: args.cache_entries,
+            cache_ttl: Duration::from_secs_f64(args.cache_ttl),
+            usage_window: Duration::from_secs_f64(args.usage_window),
+            usage_top: args.usage_top as usize,
         };
-        Ok(ServeSettings { listen: args.listen, models, fetch, limits })
+        let access = Access {
+            api_key: api_key(args.api_key_file.as_deref(), std::env::var("CLASSIFIER_API_KEY").ok())?,
+            cors_origins: cors_origins(&args.cors_origin)?,
+        };
+        Ok(ServeSettings { listen: args.listen, models, fetch, limits, access })
     }
+}
+
+/// The key from `--api-key-file`, else from CLASSIFIER_API_KEY; both is
+/// ambiguous, and a blank one a mistake.
+fn api_key(file: Option<&std::path::Path>, from_env: Option<String>) -> anyhow::Result<Option<ApiKey>> {
+    let (text, origin) = match (file, from_env) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => bail!("--api-key-file and CLASSIFIER_API_KEY are both set: give the key one way"),
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--api-key-file {}: cannot read the key", path.display()))?;
+            (text, format!("--api-key-file {}", path.display()))
+        }
+        (None, Some(text)) => (text, "CLASSIFIER_API_KEY".to_string()),
+    };
+    match ApiKey::new(&text) {
+        Some(key) => Ok(Some(key)),
+        None => bail!("{origin}: the API key is empty"),
+    }
+}
+
+/// Each origin as a browser sends it: `scheme://host[:port]`, no path.
+fn cors_origins(given: &[String]) -> anyhow::Result<Vec<HeaderValue>> {
+    given
+        .iter()
+        .map(|origin| {
+            let origin = origin.trim();
+            let exact = origin == "*"
+                || reqwest::Url::parse(origin).is_ok_and(|url| {
+                    matches!(url.scheme(), "http" | "https") && url.origin().ascii_serialization() == origin
+                });
+            if !exact {
+                bail!("--cors-origin {origin}: not an origin; give scheme://host[:port] without a path, or *");
+            }
+            Ok(HeaderValue::from_str(origin)?)
+        })
+        .collect()
 }
 
 #[derive(Debug, PartialEq)]
@@ -212,6 +274,36 @@ mod tests {
         assert_eq!(models[1].labels, Some(Source::parse("f/labels.txt").unwrap()));
         assert_eq!(models[2].labels, Some(Source::parse("./a.csv").unwrap()));
         assert_eq!(models[1].sources, [Source::parse("f/model.tar.gz").unwrap()]);
+    }
+
+    #[test]
+    fn the_api_key_comes_from_one_place_and_is_not_blank() {
+        let dir = std::env::temp_dir().join(format!("classifier-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, blank) = (dir.join("key"), dir.join("blank"));
+        std::fs::write(&key, "s3cret\n").unwrap();
+        std::fs::write(&blank, " \n").unwrap();
+        assert!(api_key(None, None).unwrap().is_none());
+        assert!(api_key(Some(&key), None).unwrap().is_some());
+        assert!(api_key(None, Some("k".into())).unwrap().is_some());
+        let err = |file: Option<&std::path::Path>, env: Option<&str>| {
+            format!("{:#}", api_key(file, env.map(str::to_string)).unwrap_err())
+        };
+        assert!(err(Some(&blank), None).contains("the API key is empty"));
+        assert!(err(None, Some("")).starts_with("CLASSIFIER_API_KEY: the API key is empty"));
+        assert!(err(Some(&key), Some("k")).contains("both set"));
+        assert!(err(Some(&dir.join("absent")), None).contains("cannot read the key"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins_or_any() {
+        let ok = cors_origins(&strings(&["https://photos.example.org", "http://127.0.0.1:8080", "*"])).unwrap();
+        assert_eq!(ok.len(), 3);
+        for bad in ["https://photos.example.org/", "https://h/page", "photos.example.org", "ftp://h", ""] {
+            let err = cors_origins(&strings(&[bad])).unwrap_err().to_string();
+            assert!(err.contains("not an origin"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -1,0 +1,161 @@
+//! Who may call what: the optional API key on the routes that spend the
+//! server's CPU or tell what others asked (classify, infer, usage), and the
+//! origins a browser page may call from (CORS, off unless named).
+//!
+//! Health, readiness, metrics, the model list and the page stay open: an
+//! orchestrator and a scraper hold no key, and the page asks for one itself.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use super::errors::ApiError;
+
+/// The key a client must present as `Authorization: Bearer KEY`.
+#[derive(Clone)]
+pub struct ApiKey {
+    /// Its SHA-256: comparing digests of equal length leaks neither the key
+    /// nor its length through timing.
+    digest: [u8; 32],
+}
+
+impl ApiKey {
+    /// None for an empty key: a file or variable left blank must not open
+    /// the server to anyone sending `Bearer ` alone.
+    pub fn new(key: &str) -> Option<ApiKey> {
+        let key = key.trim();
+        (!key.is_empty()).then(|| ApiKey { digest: sha256(key.as_bytes()) })
+    }
+
+    fn admits(&self, presented: &str) -> bool {
+        self.digest.ct_eq(&sha256(presented.as_bytes())).into()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Whether the route (its pattern, else the path) needs the key.
+pub fn needs_key(route: &str) -> bool {
+    matches!(route, "/v1/classify" | "/v1/usage") || (route.starts_with("/v2/models/") && route.ends_with("/infer"))
+}
+
+/// Refuses, with 401, a request to a keyed route without the right key.
+pub async fn require_key(
+    State(key): State<Option<Arc<ApiKey>>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let Some(key) = key else {
+        return next.run(request).await;
+    };
+    let route = request.extensions().get::<MatchedPath>().map_or(request.uri().path(), |p| p.as_str());
+    // A browser's preflight carries no credentials; the CORS layer answers it.
+    let keyed = needs_key(route) && request.method() != Method::OPTIONS;
+    if !keyed {
+        return next.run(request).await;
+    }
+    let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+    match presented.map(|token| key.admits(token)) {
+        Some(true) => next.run(request).await,
+        Some(false) => unauthorized("wrong API key", true),
+        None => unauthorized("an API key is required: send the header Authorization: Bearer KEY", false),
+    }
+}
+
+/// The token of `Bearer TOKEN` (the scheme is case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn unauthorized(message: &str, wrong: bool) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    // RFC 6750: the scheme to use, and whether the one sent was refused.
+    let challenge =
+        if wrong { r#"Bearer realm="classifier", error="invalid_token""# } else { r#"Bearer realm="classifier""# };
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    response
+}
+
+/// The CORS layer for these origins (`*` for any), or none when there are
+/// none: then a browser refuses pages from other origins, as it should.
+pub fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") { AllowOrigin::any() } else { AllowOrigin::list(origins.to_vec()) };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("inference-header-content-length"),
+            ])
+            .expose_headers([header::RETRY_AFTER, header::HeaderName::from_static("inference-header-content-length")])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_admitted_exactly() {
+        let key = ApiKey::new(" s3cret\n").unwrap();
+        assert!(key.admits("s3cret"));
+        for wrong in ["", "s3cre", "s3cret ", "S3CRET", "s3cret2"] {
+            assert!(!key.admits(wrong), "{wrong:?}");
+        }
+        assert!(ApiKey::new(" \n").is_none());
+        assert_eq!(format!("{key:?}"), "ApiKey(..)");
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_with_any_case_of_scheme() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
+
+    #[test]
+    fn classify_infer_and_usage_need_the_key_and_nothing_else_does() {
+        for route in
+            ["/v1/classify", "/v1/usage", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
+        {
+            assert!(needs_key(route), "{route}");
+        }
+        for route in [
+            "/",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/v1/models",
+            "/openapi.json",
+            "/v2/health/ready",
+            "/v2/models/{name}",
+        ] {
+            assert!(!needs_key(route), "{route}");
+        }
+    }
+}
