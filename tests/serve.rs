@@ -746,8 +746,20 @@ async fn with_an_api_key_classify_needs_it_and_health_does_not() {
     let (status, answer_body) = answer(classify(Some("Bearer s3cret")).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{answer_body}");
     assert_eq!(top1(&answer_body["results"][0]), "red");
+    // Every route that spends the server's work, or tells what others
+    // asked, holds the key, in both protocols.
+    for keyed in ["/v2/models/mock/infer", "/v2/models/mock/versions/1/infer", "/v2/models/nope/infer"] {
+        let response = client().post(server.at(keyed)).json(&json!({"inputs": []})).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{keyed}");
+    }
+    let usage = client().get(server.at("/v1/usage")).send().await.unwrap();
+    assert_eq!(usage.status(), StatusCode::UNAUTHORIZED);
+    let usage = client().get(server.at("/v1/usage")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(usage.status(), StatusCode::OK);
     // What orchestrators and scrapers call holds no key.
-    for open in ["/healthz", "/readyz", "/metrics", "/v1/models"] {
+    for open in
+        ["/healthz", "/readyz", "/metrics", "/v1/models", "/v2", "/v2/health/ready", "/v2/models/mock", "/openapi.json"]
+    {
         assert_eq!(client().get(server.at(open)).send().await.unwrap().status(), StatusCode::OK, "{open}");
     }
     server.stop().await.unwrap();
@@ -929,8 +941,18 @@ async fn the_openapi_document_describes_the_routes_served() {
         }
     }
     // What a client of the API would look for first.
-    for route in ["POST /v1/classify", "GET /v1/models", "GET /v1/usage", "GET /healthz", "GET /readyz", "GET /metrics"]
-    {
+    for route in [
+        "GET /",
+        "POST /v1/classify",
+        "GET /v1/models",
+        "GET /v1/usage",
+        "GET /healthz",
+        "GET /readyz",
+        "GET /metrics",
+        "GET /v2",
+        "GET /v2/models/{name}",
+        "POST /v2/models/{name}/infer",
+    ] {
         assert!(documented.iter().any(|d| d == route), "{route} is not documented: {documented:?}");
     }
     // Every $ref resolves.

@@ -27,7 +27,7 @@ pub use pool::WhenFull;
 use crate::deadline::Deadline;
 use crate::input::{FetchError, Fetcher, Source};
 use crate::labels::Labels;
-use crate::model::{Arithmetic, Channels, InputSpec, MeanStd, Model};
+use crate::model::{Arithmetic, Channels, Format, InputSpec, MeanStd, Model};
 use crate::rank::{self, Prediction, Scores};
 
 /// The most a model or a label map may weigh.
@@ -92,6 +92,7 @@ pub struct Loaded {
     /// Where the model came from (the first of the settings' sources that
     /// answered).
     pub model_source: Source,
+    pub format: Format,
     pub input: InputSpec,
     pub classes: usize,
     /// The class names, if there are any (given, or embedded in the model).
@@ -379,6 +380,7 @@ async fn load(
     info!(classes = model.classes(), width = input.width, height = input.height, softmax, "model ready");
     let loaded = Loaded {
         model_source: source,
+        format: model.format(),
         input,
         classes: model.classes(),
         labels: labels.map(|(_, labels)| labels),

@@ -163,6 +163,7 @@ pub struct Model {
     classes: usize,
     probabilities: bool,
     labels: Option<EmbeddedFile>,
+    format: Format,
 }
 
 impl std::fmt::Debug for Model {
@@ -264,7 +265,7 @@ impl Model {
             grids = float.grids.len(),
             "model prepared"
         );
-        Ok(Model { stages, input, classes, probabilities, labels })
+        Ok(Model { stages, input, classes, probabilities, labels, format })
     }
 
     /// Prepares an ONNX model, in one stage: tract-onnx reads the graph as
@@ -278,7 +279,7 @@ impl Model {
         let stages = vec![guarded(|| optimize(model, &[])?.into_runnable())?];
         let (input, classes) = classifier_shape(&stages, Format::Onnx, normalization)?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "ONNX model prepared");
-        Ok(Model { stages, input, classes, probabilities, labels: None })
+        Ok(Model { stages, input, classes, probabilities, labels: None, format: Format::Onnx })
     }
 
     /// The same model reading the image's channels in `channels` order.
@@ -289,6 +290,11 @@ impl Model {
 
     pub fn input(&self) -> InputSpec {
         self.input
+    }
+
+    /// The kind of file it was read from.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// How many classes the model scores.

@@ -6,7 +6,8 @@
 //!
 //! - `args`: clap's types; `settings`: resolved once into plain settings.
 //! - `routes`: what each route takes and answers; `errors`: the
-//!   `{"error": ...}` answers; `metrics`: `GET /metrics`.
+//!   `{"error": ...}` answers; `metrics`: `GET /metrics`; `oip`: the Open
+//!   Inference Protocol v2 (`/v2/...`) on the same engines.
 //!
 //! Connections are served by hyper directly rather than `axum::serve`, for
 //! the header read timeout (a slow client cannot hold a connection) and a
@@ -17,6 +18,7 @@ pub mod args;
 mod cache;
 mod errors;
 mod metrics;
+mod oip;
 mod routes;
 pub mod settings;
 mod usage;
@@ -78,15 +80,18 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
             ApiError::unavailable("overloaded: too many requests in flight")
         }))
         .load_shed()
-        .concurrency_limit(settings.limits.max_in_flight);
+        // One limit over classify and infer: a clone shares its permits.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(settings.limits.max_in_flight));
     let router = Router::new()
-        .route("/v1/classify", post(routes::classify).route_layer(in_flight))
+        .route("/v1/classify", post(routes::classify).route_layer(in_flight.clone()))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
+        .merge(oip::infer_routes().route_layer(in_flight))
+        .merge(oip::routes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(settings.access.api_key.clone().map(Arc::new), access::require_key))

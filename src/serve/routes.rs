@@ -53,7 +53,7 @@ pub struct App {
 }
 
 impl App {
-    fn model(&self, name: Option<&str>) -> Result<&Served, ApiError> {
+    pub(super) fn model(&self, name: Option<&str>) -> Result<&Served, ApiError> {
         match name {
             None => Ok(&self.models[0]),
             Some(name) => self.models.iter().find(|m| m.name == name).ok_or_else(|| {
@@ -272,7 +272,7 @@ struct Answer<'a> {
 
 /// One image: it holds one of the server's image slots until it is queued
 /// for inference (or fails), as the command line's `--concurrency` does.
-async fn classify_one(app: &App, engine: &Engine, input: Input, request: Request) -> Outcome {
+pub(super) async fn classify_one(app: &App, engine: &Engine, input: Input, request: Request) -> Outcome {
     let slot = app.images.clone().acquire_owned();
     let slot = match request.deadline.instant() {
         Some(at) => tokio::time::timeout_at(at.into(), slot).await.map_err(|_| SourceError::Deadline)?,
@@ -290,7 +290,7 @@ fn content_type(headers: &HeaderMap) -> String {
     value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
 }
 
-async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, ApiError> {
     let limit = limits.max_body_bytes;
     let read = tokio::time::timeout(limits.body_timeout, Limited::new(body, limit).collect()).await.map_err(|_| {
         ApiError::new(
