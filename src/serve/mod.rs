@@ -15,6 +15,7 @@
 pub mod args;
 mod errors;
 mod metrics;
+mod page;
 mod routes;
 pub mod settings;
 
@@ -74,6 +75,7 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
         .load_shed()
         .concurrency_limit(settings.limits.max_in_flight);
     let router = Router::new()
+        .route("/", get(page::page))
         .route("/v1/classify", post(routes::classify).route_layer(in_flight))
         .route("/v1/models", get(routes::models))
         .route("/healthz", get(routes::healthz))
