@@ -19,6 +19,7 @@ mod cache;
 mod errors;
 mod metrics;
 mod oip;
+mod page;
 mod routes;
 pub mod settings;
 mod usage;
@@ -83,6 +84,7 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
         // One limit over classify and infer: a clone shares its permits.
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(settings.limits.max_in_flight));
     let router = Router::new()
+        .route("/", get(page::page))
         .route("/v1/classify", post(routes::classify).route_layer(in_flight.clone()))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(routes::usage))
