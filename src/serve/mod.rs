@@ -31,7 +31,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -41,7 +40,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tower::ServiceBuilder;
 use tracing::{error, info, warn};
 
 pub use args::ServeArgs;
@@ -74,25 +72,20 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
         cache: cache::ResultCache::new(settings.limits.cache_entries, settings.limits.cache_ttl),
         usage: usage::Usage::new(settings.limits.usage_window),
         usage_top: settings.limits.usage_top,
+        // One limit over classify and infer.
+        in_flight: Arc::new(Semaphore::new(settings.limits.max_in_flight)),
     });
-    // Past the in-flight limit a request is refused at once, not queued.
-    let in_flight = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-            ApiError::unavailable("overloaded: too many requests in flight")
-        }))
-        .load_shed()
-        // One limit over classify and infer: a clone shares its permits.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(settings.limits.max_in_flight));
+    let in_flight = || middleware::from_fn_with_state(app.clone(), admit);
     let router = Router::new()
         .route("/", get(page::page))
-        .route("/v1/classify", post(routes::classify).route_layer(in_flight.clone()))
+        .route("/v1/classify", post(routes::classify).route_layer(in_flight()))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(routes::usage))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
-        .merge(oip::infer_routes().route_layer(in_flight))
+        .merge(oip::infer_routes().route_layer(in_flight()))
         .merge(oip::routes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
@@ -112,6 +105,28 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
     };
     Ok((router, app))
 }
+
+/// Past the in-flight limit a request is refused at once, not queued. Its
+/// body is read and dropped first (within [`SHED_DRAIN`] and the body
+/// limit, a chunk at a time): a client that sends its whole body before it
+/// reads would otherwise meet a reset connection, not the 503 and its
+/// `Retry-After`.
+async fn admit(State(app): State<Arc<App>>, request: axum::extract::Request, next: Next) -> Response {
+    match app.in_flight.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let response = next.run(request).await;
+            drop(permit);
+            response
+        }
+        Err(_) => {
+            routes::discard_body(request.into_body(), app.limits.max_body_bytes, SHED_DRAIN).await;
+            ApiError::unavailable("overloaded: too many requests in flight").into_response()
+        }
+    }
+}
+
+/// How long a refused request's body is read before the refusal is sent.
+const SHED_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Counts every answer by route and status, with its duration.
 async fn count(State(app): State<Arc<App>>, request: axum::extract::Request, next: Next) -> Response {

@@ -50,6 +50,8 @@ pub struct App {
     pub usage: Usage,
     /// Sources in a usage report when the request does not say.
     pub usage_top: usize,
+    /// Requests to classify or infer being answered, over both protocols.
+    pub in_flight: Arc<Semaphore>,
 }
 
 impl App {
@@ -288,6 +290,23 @@ pub(super) async fn classify_one(app: &App, engine: &Engine, input: Input, reque
 fn content_type(headers: &HeaderMap) -> String {
     let value = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// Reads and drops up to `limit` bytes of `body` within `within`, holding
+/// one chunk at a time.
+pub(super) async fn discard_body(body: Body, limit: usize, within: std::time::Duration) {
+    use futures::StreamExt;
+    let mut chunks = body.into_data_stream();
+    let _ = tokio::time::timeout(within, async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = chunks.next().await {
+            read += chunk.len();
+            if read > limit {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 pub(super) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, ApiError> {
