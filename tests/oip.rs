@@ -3,122 +3,21 @@
 //! with reqwest as the protocol says, and by `tritonclient.http` itself
 //! (tests/oip_client.py) when CLASSIFIER_TEST_PYTHON names a Python with it.
 
-use std::io::{Cursor, Write};
+mod support;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
-use clap::Parser;
-use classifier::serve::{ServeArgs, ServeSettings};
-use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use wiremock::matchers::path;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use support::{Server, answer, assets, client, mock_args, png, shared};
 
 const RED: [u8; 3] = [250, 10, 10];
 const BLUE: [u8; 3] = [10, 10, 250];
 
-fn png(rgb: [u8; 3]) -> Vec<u8> {
-    let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(48, 32, Rgb(rgb)));
-    let mut out = Cursor::new(vec![]);
-    image.write_to(&mut out, ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
-}
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(rel);
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is absent", path.display());
-        None
-    }
-}
-
-async fn mount(server: &MockServer, at: &str, response: ResponseTemplate) {
-    Mock::given(path(at)).respond_with(response).mount(server).await;
-}
-
-/// The mock model (answering after `delay`), its labels, and a slow image.
-async fn assets(delay: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    mount(
-        &server,
-        "/model.tflite",
-        ResponseTemplate::new(200).set_body_bytes(fixture("mock_model.tflite")).set_delay(delay),
-    )
-    .await;
-    mount(&server, "/labels.csv", ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv"))).await;
-    mount(
-        &server,
-        "/slow.png",
-        ResponseTemplate::new(200).set_body_bytes(png([10, 250, 10])).set_delay(Duration::from_millis(1500)),
-    )
-    .await;
-    server
-}
-
-/// A server of the mock model named `mock` (classes red, green, blue).
-fn mock_args(assets: &MockServer, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--model".into(),
-        format!("mock={}/model.tflite", assets.uri()),
-        "--labels".into(),
-        format!("mock={}/labels.csv", assets.uri()),
-        "--allow-address".into(),
-        "127.0.0.1/32".into(),
-        "--no-cache".into(),
-        "--threads".into(),
-        "1".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-struct Server {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
 impl Server {
-    async fn start(args: Vec<String>) -> Server {
-        let settings = ServeSettings::resolve(&ServeArgs::try_parse_from(args).unwrap()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            classifier::serve::serve(listener, &settings, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Server { url, stop: Some(stop), task }
-    }
-
-    /// Started, and ready.
-    async fn ready(args: Vec<String>) -> Server {
-        let server = Server::start(args).await;
-        let started = Instant::now();
-        while client().get(server.at("/v2/health/ready")).send().await.unwrap().status() != StatusCode::OK {
-            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        server
-    }
-
-    fn at(&self, route: &str) -> String {
-        format!("{}{route}", self.url)
-    }
-
     async fn get(&self, route: &str) -> (StatusCode, Value) {
         answer(client().get(self.at(route)).send().await.unwrap()).await
     }
@@ -126,22 +25,6 @@ impl Server {
     async fn infer(&self, body: Value) -> (StatusCode, Value) {
         answer(client().post(self.at("/v2/models/mock/infer")).json(&body).send().await.unwrap()).await
     }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap()
-    }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}")))
 }
 
 fn base64(bytes: &[u8]) -> String {

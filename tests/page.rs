@@ -4,18 +4,15 @@
 //! server started in-process on 127.0.0.1, over the real birds model from
 //! ../shared when it is there, else the mock model and generated photos.
 
-use std::io::Cursor;
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use clap::Parser;
-use classifier::serve::{ServeArgs, ServeSettings};
-use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use reqwest::StatusCode;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use support::{Server, client, fixture_path, png, shared};
 use wiremock::matchers::path;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -23,34 +20,13 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 /// itself sooner (its own deadline closes the browser).
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn png(rgb: [u8; 3]) -> Vec<u8> {
-    let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(48, 32, Rgb(rgb)));
-    let mut out = Cursor::new(vec![]);
-    image.write_to(&mut out, ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name).display().to_string()
-}
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(rel);
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is absent", path.display());
-        None
-    }
-}
-
 /// The mock model, from the project's own files, named `name`.
 fn mock_model(name: &str) -> [String; 4] {
     [
         "--model".into(),
-        format!("{name}={}", fixture("mock_model.tflite")),
+        format!("{name}={}", fixture_path("mock_model.tflite").display()),
         "--labels".into(),
-        format!("{name}={}", fixture("mock_labels.csv")),
+        format!("{name}={}", fixture_path("mock_labels.csv").display()),
     ]
 }
 
@@ -59,49 +35,6 @@ fn serve_args(models: &[[String; 4]], extra: &[&str]) -> Vec<String> {
     args.extend(models.iter().flatten().cloned());
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-struct Server {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Server {
-    /// Started, and ready.
-    async fn ready(args: Vec<String>) -> Server {
-        let settings = ServeSettings::resolve(&ServeArgs::try_parse_from(args).unwrap()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            classifier::serve::serve(listener, &settings, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        let server = Server { url, stop: Some(stop), task };
-        let started = Instant::now();
-        while client().get(server.at("/readyz")).send().await.unwrap().status() != StatusCode::OK {
-            assert!(started.elapsed() < Duration::from_secs(30), "not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        server
-    }
-
-    fn at(&self, route: &str) -> String {
-        format!("{}{route}", self.url)
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap()
-    }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
 /// A folder of this test's own, removed when dropped.

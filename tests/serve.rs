@@ -2,141 +2,21 @@
 //! reqwest, over the mock model and images served by loopback servers the
 //! tests start (the real birds model from ../shared where top-1 matters).
 
-use std::io::Cursor;
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use classifier::serve::{ServeArgs, ServeSettings};
-use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use reqwest::StatusCode;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use wiremock::matchers::path;
-use wiremock::{Mock, MockServer, ResponseTemplate};
-
-fn png(rgb: [u8; 3]) -> Vec<u8> {
-    let image = DynamicImage::ImageRgb8(RgbImage::from_pixel(48, 32, Rgb(rgb)));
-    let mut out = Cursor::new(vec![]);
-    image.write_to(&mut out, ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
-}
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(rel);
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is absent", path.display());
-        None
-    }
-}
-
-async fn mount(server: &MockServer, at: &str, response: ResponseTemplate) {
-    Mock::given(path(at)).respond_with(response).mount(server).await;
-}
-
-/// The mock model (answering after `delay`), its labels and three images.
-async fn assets(delay: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    mount(
-        &server,
-        "/model.tflite",
-        ResponseTemplate::new(200).set_body_bytes(fixture("mock_model.tflite")).set_delay(delay),
-    )
-    .await;
-    mount(&server, "/labels.csv", ResponseTemplate::new(200).set_body_bytes(fixture("mock_labels.csv"))).await;
-    mount(&server, "/red.png", ResponseTemplate::new(200).set_body_bytes(png([250, 10, 10]))).await;
-    mount(&server, "/blue.png", ResponseTemplate::new(200).set_body_bytes(png([10, 10, 250]))).await;
-    mount(
-        &server,
-        "/slow.png",
-        ResponseTemplate::new(200).set_body_bytes(png([10, 250, 10])).set_delay(Duration::from_millis(1500)),
-    )
-    .await;
-    server
-}
-
-/// The options of a server of the mock model named `mock`, its images on
-/// 127.0.0.1 allowed.
-fn mock_args(assets: &MockServer, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--model".into(),
-        format!("mock={}/model.tflite", assets.uri()),
-        "--labels".into(),
-        format!("mock={}/labels.csv", assets.uri()),
-        "--allow-address".into(),
-        "127.0.0.1/32".into(),
-        "--no-cache".into(),
-        "--threads".into(),
-        "1".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-struct Server {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
+use support::{Server, answer, assets, client, mock_args, mount, png, shared};
+use wiremock::{MockServer, ResponseTemplate};
 
 impl Server {
-    async fn start(args: Vec<String>) -> Server {
-        let settings = ServeSettings::resolve(&ServeArgs::try_parse_from(args).unwrap()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            classifier::serve::serve(listener, &settings, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Server { url, stop: Some(stop), task }
-    }
-
-    /// Started, and ready.
-    async fn ready(args: Vec<String>) -> Server {
-        let server = Server::start(args).await;
-        let started = Instant::now();
-        while client().get(server.at("/readyz")).send().await.unwrap().status() != StatusCode::OK {
-            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        server
-    }
-
-    fn at(&self, route: &str) -> String {
-        format!("{}{route}", self.url)
-    }
-
     async fn classify(&self, body: Value) -> (StatusCode, Value) {
         answer(client().post(self.at("/v1/classify")).json(&body).send().await.unwrap()).await
     }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap()
-    }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}")))
 }
 
 fn top1(record: &Value) -> &str {
