@@ -1,8 +1,9 @@
 """Shared helpers for the Python peers the classifier is benchmarked against.
 
-Imported by bench/peer_litert.py and bench/peer_sequential.py (not run on its
-own). Both peers must preprocess and report exactly alike, so that the only
-difference between them, and between them and the Rust tool, is the flow.
+Imported by bench/peer_litert.py, bench/peer_sequential.py and
+bench/peer_service.py (not run on its own). The peers must preprocess and
+report exactly alike, so that the only difference between them, and between
+them and the Rust tool, is the flow.
 Standard library for HTTP; Pillow, NumPy and ai-edge-litert for the rest.
 """
 import argparse
@@ -101,12 +102,17 @@ def infer(interp, batch):
     return raw.astype(np.float32)
 
 
-def result_line(source, scores, labels, k=TOP_K):
-    """The Rust tool's JSON line: top-k best first, ties broken by lower index."""
+def result_record(source, scores, labels, k=TOP_K):
+    """The Rust tool's record: top-k best first, ties broken by lower index."""
     top = np.argsort(-scores, kind="stable")[:k]
     preds = [{"label": labels.get(int(i), str(int(i))), "index": int(i),
               "score": round(float(scores[i]), 6)} for i in top]
-    return json.dumps({"source": source, "predictions": preds})
+    return {"source": source, "predictions": preds}
+
+
+def result_line(source, scores, labels, k=TOP_K):
+    """The Rust tool's JSON line (see result_record)."""
+    return json.dumps(result_record(source, scores, labels, k))
 
 
 def error_line(source, exc):
