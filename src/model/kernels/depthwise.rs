@@ -15,8 +15,8 @@ use tract_tflite::internal::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSp
 use tract_tflite::internal::tract_core::ops::nn::DataFormat;
 use tract_tflite::internal::*;
 
-use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, round_to, store_lanes, taps};
-use super::grid::{Grid, grid_after};
+use super::fusing::{LANES, clamp, constant, fused_clamp, lanes, multiply_add, taps};
+use super::grid::{Grid, grid_after, round_all};
 
 /// Vectors summed at once: enough independent sums to keep the
 /// multiply-add units busy while loads are in flight.
@@ -203,6 +203,13 @@ fn run_portable<const FUSED: bool>(op: &DepthwiseConv, src: &[f32], dst: &mut [f
                 ox += 1;
             }
         }
+        // A row at a time, while it is in cache, by a loop of its own:
+        // rounding inside the stores cost the multiply-add loops above their
+        // vectorisation (the op ran 3 times slower, BENCHMARKS.md).
+        if let Some(grid) = op.grid {
+            let row = g.output.1 * g.channels;
+            round_all(grid, &mut dst[oy * row..][..row]);
+        }
     }
 }
 
@@ -302,7 +309,9 @@ fn sum_pixels<const FUSED: bool>(
             }
         }
         for (p, sums) in acc.iter().enumerate() {
-            store_lanes(&mut out[p * c + c0..][..LANES], sums, op.low, op.high, op.grid);
+            for (o, &a) in out[p * c + c0..][..LANES].iter_mut().zip(sums) {
+                *o = clamp(a, op.low, op.high);
+            }
         }
         c0 += LANES;
     }
@@ -359,7 +368,7 @@ fn remaining_channels<const FUSED: bool>(
                 acc = multiply_add::<FUSED>(src[i + ch], op.kernel[k + ch], acc);
             }
         }
-        out[ch] = round_to(op.grid, clamp(acc, op.low, op.high));
+        out[ch] = clamp(acc, op.low, op.high);
     }
 }
 
@@ -394,7 +403,9 @@ fn sum_vectors<const W: usize, const FUSED: bool>(
         }
     }
     for (v, sums) in acc.iter().enumerate() {
-        store_lanes(&mut out[c0 + v * LANES..][..LANES], sums, op.low, op.high, op.grid);
+        for (o, &a) in out[c0 + v * LANES..][..LANES].iter_mut().zip(sums) {
+            *o = clamp(a, op.low, op.high);
+        }
     }
 }
 

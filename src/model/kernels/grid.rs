@@ -95,7 +95,7 @@ impl TypedOp for RoundToGrid {
 }
 
 /// Rounds `values` in place, with the widest vector instructions this CPU has.
-fn round_all(grid: Grid, values: &mut [f32]) {
+pub(super) fn round_all(grid: Grid, values: &mut [f32]) {
     Variant::ALL.iter().copied().find(|v| v.available()).unwrap_or(Variant::Portable).run(grid, values)
 }
 
