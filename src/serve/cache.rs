@@ -11,7 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::{Input, SourceError};
+use super::identity::Identity;
+use crate::engine::SourceError;
 use crate::rank::Prediction;
 
 /// What became of one source, as the cache shares it between requests.
@@ -23,20 +24,20 @@ pub type Shared = Result<Arc<Vec<Prediction>>, Arc<SourceError>>;
 pub struct Key([u8; 32]);
 
 impl Key {
-    pub fn new(model: &str, input: &Input, top_k: usize) -> Key {
+    pub fn new(model: &str, source: &Identity, top_k: usize) -> Key {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         // Lengths first, so that no two different triples hash the same bytes.
         context.update(&(model.len() as u64).to_le_bytes());
         context.update(model.as_bytes());
         context.update(&(top_k as u64).to_le_bytes());
-        match input {
-            Input::Source(source) => {
+        match source {
+            Identity::Source(url) => {
                 context.update(b"source");
-                context.update(source.to_string().as_bytes());
+                context.update(url.as_bytes());
             }
-            Input::Bytes { bytes, .. } => {
+            Identity::Upload(digest) => {
                 context.update(b"upload");
-                context.update(bytes);
+                context.update(digest);
             }
         }
         let mut key = [0; 32];
@@ -87,14 +88,14 @@ impl ResultCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::Source;
+    use crate::engine::Input;
 
     fn prediction(label: &str) -> Vec<Prediction> {
         vec![Prediction { index: 0, label: Some(label.into()), score: 0.5 }]
     }
 
-    fn url(u: &str) -> Input {
-        Input::Source(Source::parse(u).unwrap())
+    fn url(u: &str) -> Identity {
+        Identity::Source(u.into())
     }
 
     #[test]
@@ -104,7 +105,8 @@ mod tests {
         assert_ne!(a, Key::new("birds", &url("https://h/b.jpg"), 3));
         assert_ne!(a, Key::new("flowers", &url("https://h/a.jpg"), 3));
         assert_ne!(a, Key::new("birds", &url("https://h/a.jpg"), 4));
-        let upload = |name: &str, bytes: &'static [u8]| Input::Bytes { name: name.into(), bytes: bytes.into() };
+        let upload =
+            |name: &str, bytes: &'static [u8]| Identity::of(&Input::Bytes { name: name.into(), bytes: bytes.into() });
         // An upload is its content, whatever its name.
         assert_eq!(Key::new("birds", &upload("a.jpg", b"xyz"), 3), Key::new("birds", &upload("b.jpg", b"xyz"), 3));
         assert_ne!(Key::new("birds", &upload("a.jpg", b"xyz"), 3), Key::new("birds", &upload("a.jpg", b"xy"), 3));

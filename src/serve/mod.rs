@@ -17,6 +17,7 @@ mod access;
 pub mod args;
 mod cache;
 mod errors;
+mod identity;
 mod metrics;
 mod oip;
 mod page;

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::cache::{self, ResultCache};
 use super::errors::ApiError;
+use super::identity::Identity;
 use super::metrics::ServeMetrics;
 use super::settings::Limits;
 use super::usage::{self, Usage};
@@ -226,15 +227,16 @@ pub async fn classify(State(app): State<Arc<App>>, request: axum::extract::Reque
         let (app, served) = (&app, served);
         async move {
             let started = std::time::Instant::now();
-            let (outcome, cached) = match input {
+            let (name, (outcome, cached)) = match input {
                 Ok(input) => {
-                    let key = cache::Key::new(&served.name, input, top_k);
+                    let identity = Identity::of(input);
+                    let key = cache::Key::new(&served.name, &identity, top_k);
                     let classify = classify_one(app, &served.engine, input.clone(), request);
-                    app.cache.get_or_classify(key, classify).await
+                    (identity.name(), app.cache.get_or_classify(key, classify).await)
                 }
-                Err(reason) => (Err(Arc::new(SourceError::Invalid(reason.clone()))), false),
+                Err(reason) => (given.clone(), (Err(Arc::new(SourceError::Invalid(reason.clone()))), false)),
             };
-            let name = input.as_ref().map_or_else(|_| usage::cut(given.clone()), usage::source_of);
+            let name = usage::cut(name);
             app.usage.record(name, started.elapsed(), outcome.is_err());
             if app.cache.is_on() && input.is_ok() {
                 let counter = if cached { &app.metrics.cache_hits } else { &app.metrics.cache_misses };
