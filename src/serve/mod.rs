@@ -77,20 +77,22 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
         in_flight: Arc::new(Semaphore::new(settings.limits.max_in_flight)),
     });
     let in_flight = || middleware::from_fn_with_state(app.clone(), admit);
+    // Outside the in-flight limit: a request without the key takes no slot.
+    let api_key = settings.access.api_key.clone().map(Arc::new);
+    let keyed = || middleware::from_fn_with_state(api_key.clone(), access::require_key);
     let router = Router::new()
         .route("/", get(page::page))
-        .route("/v1/classify", post(routes::classify).route_layer(in_flight()))
+        .route("/v1/classify", post(routes::classify).route_layer(in_flight()).route_layer(keyed()))
         .route("/v1/models", get(routes::models))
-        .route("/v1/usage", get(routes::usage))
+        .route("/v1/usage", get(routes::usage).route_layer(keyed()))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
-        .merge(oip::infer_routes().route_layer(in_flight()))
+        .merge(oip::infer_routes().route_layer(in_flight()).route_layer(keyed()))
         .merge(oip::routes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .layer(middleware::from_fn_with_state(settings.access.api_key.clone().map(Arc::new), access::require_key))
         .layer(middleware::from_fn_with_state(app.clone(), count))
         // The body is read under the server's own limit (routes::read_body).
         .layer(DefaultBodyLimit::disable())
