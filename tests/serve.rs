@@ -660,10 +660,21 @@ async fn with_an_api_key_classify_needs_it_and_health_does_not() {
     assert_eq!(usage.status(), StatusCode::UNAUTHORIZED);
     let usage = client().get(server.at("/v1/usage")).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(usage.status(), StatusCode::OK);
+    // A wrong method does no work: 405, key or not.
+    let wrong_method = client().get(server.at("/v1/classify")).send().await.unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
     // What orchestrators and scrapers call holds no key.
-    for open in
-        ["/healthz", "/readyz", "/metrics", "/v1/models", "/v2", "/v2/health/ready", "/v2/models/mock", "/openapi.json"]
-    {
+    for open in [
+        "/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/models",
+        "/v2",
+        "/v2/health/ready",
+        "/v2/models/mock",
+        "/openapi.json",
+    ] {
         assert_eq!(client().get(server.at(open)).send().await.unwrap().status(), StatusCode::OK, "{open}");
     }
     server.stop().await.unwrap();

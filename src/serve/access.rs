@@ -52,7 +52,9 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// Refuses, with 401, a request without the right key: the router puts it
-/// on the keyed routes (classify, infer, usage).
+/// on the keyed routes (classify, infer, usage), whose only methods are
+/// theirs: a browser's preflight (OPTIONS), which carries no credentials,
+/// is answered by the CORS layer and a wrong method by a 405, never here.
 pub async fn require_key(
     State(key): State<Option<Arc<ApiKey>>>,
     request: axum::extract::Request,
@@ -61,10 +63,6 @@ pub async fn require_key(
     let Some(key) = key else {
         return next.run(request).await;
     };
-    // A browser's preflight carries no credentials; the CORS layer answers it.
-    if request.method() == Method::OPTIONS {
-        return next.run(request).await;
-    }
     let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
     match presented.map(|token| key.admits(token)) {
         Some(true) => next.run(request).await,

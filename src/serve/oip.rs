@@ -53,7 +53,7 @@ pub(super) fn routes() -> Router<Arc<App>> {
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
 }
 
-/// Inference, to be put under the in-flight limit.
+/// Inference, to be put under the API key and the in-flight limit.
 pub(super) fn infer_routes() -> Router<Arc<App>> {
     Router::new()
         .route("/v2/models/{name}/infer", post(infer))
