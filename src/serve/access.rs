@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::errors::ApiError;
+use super::sha256;
 
 /// The key a client must present as `Authorization: Bearer KEY`.
 #[derive(Clone)]
@@ -42,13 +43,6 @@ impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ApiKey(..)")
     }
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
 }
 
 /// Refuses, with 401, a request without the right key: the router puts it

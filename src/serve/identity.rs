@@ -3,6 +3,7 @@
 //! content (so the same photo sent under two names is one source). An
 //! upload is hashed once, here, for both.
 
+use super::sha256;
 use crate::engine::Input;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,11 +16,7 @@ impl Identity {
     pub fn of(input: &Input) -> Identity {
         match input {
             Input::Source(source) => Identity::Source(source.to_string()),
-            Input::Bytes { bytes, .. } => {
-                let mut digest = [0; 32];
-                digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-                Identity::Upload(digest)
-            }
+            Input::Bytes { bytes, .. } => Identity::Upload(sha256(bytes)),
         }
     }
 
