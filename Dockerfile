@@ -21,6 +21,11 @@
 ARG SOURCE=build
 
 FROM docker.io/library/rust:1.95-bookworm AS build
+# libjpeg-turbo, built from the turbojpeg crate's bundled source, needs
+# cmake, and nasm for its SIMD code.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # A static binary linked with glibc, not musl: musl's allocator maps every

@@ -78,10 +78,10 @@ fn birds_corpus_agrees_with_the_reference_as_the_readme_says() {
     let (equal, within) = corpus_agreement(&birds, Arithmetic::Quantized);
     let (float_equal, float_within) = corpus_agreement(&birds, Arithmetic::Float);
     eprintln!("quantized: top-1 {equal}/200, within 2/256 {within}/200; float: {float_equal}/200, {float_within}/200");
-    // README: top-1 equal on 196 of the 200 photos, top-1 scores within
-    // 2/256 on 113 (float: 197 and 87).
-    assert!(equal >= 196, "top-1 equal on {equal} of 200");
-    assert!(within >= 110, "top-1 score within 2/256 on {within} of 200");
+    // README: top-1 equal on 200 of the 200 photos, top-1 scores within
+    // 2/256 on 94 (float: 198 and 64), with JPEGs decoded reduced.
+    assert!(equal >= 199, "top-1 equal on {equal} of 200");
+    assert!(within >= 90, "top-1 score within 2/256 on {within} of 200");
     assert!(float_equal >= 196, "float: top-1 equal on {float_equal} of 200");
     assert!(within >= float_within + 20, "the rounding brought {within} scores within 2/256, float {float_within}");
 }

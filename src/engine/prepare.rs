@@ -1,7 +1,8 @@
 //! An image's bytes to the model's input, under the engine's limits: decodes
 //! on the blocking pool, as many at once as there are inference workers, and
-//! at most twice that many full-size images waiting for a model whose input
-//! size is not yet known.
+//! at most twice that many full-size images (not JPEGs, which are decoded
+//! reduced to the size) waiting for a model whose input size is not yet
+//! known.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,9 +46,12 @@ pub(super) async fn prepare(
     name: &str,
 ) -> Result<Vec<u8>, SourceError> {
     let span = debug_span!("decode", source = name);
+    // A JPEG is decoded reduced as far as the model's size allows, so it
+    // waits for the size: decoded early at full size, it would come out
+    // otherwise than the same photo decoded later.
     let early = match known_size(state) {
-        None => limits.early.clone().try_acquire_owned().ok(),
-        Some(_) => None,
+        None if !is_jpeg(&bytes) => limits.early.clone().try_acquire_owned().ok(),
+        _ => None,
     };
     let (pixels, spent) = match early {
         // The model is not there yet: decode now, resize when it is.
@@ -77,6 +81,10 @@ pub(super) async fn prepare(
     };
     metrics.decoded(spent);
     Ok(pixels?)
+}
+
+fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
 }
 
 /// A decoder's slot, moved into the decode itself: a caller that goes away

@@ -38,6 +38,17 @@ pub enum DecodeError {
 /// says (JPEG, TIFF and WebP carry one), the way browsers and Pillow's
 /// `ImageOps.exif_transpose` show it; an unreadable tag is no tag.
 pub fn decode(bytes: &[u8], exif_orientation: bool) -> Result<DynamicImage, DecodeError> {
+    decode_for(bytes, exif_orientation, None)
+}
+
+/// As [`decode`], but a JPEG may come out reduced (by 1/2, 1/4 or 1/8, in
+/// the DCT domain) as far as it stays at least `wanted` on both sides once
+/// turned upright: all a caller that resizes to `wanted` next needs.
+pub fn decode_for(
+    bytes: &[u8],
+    exif_orientation: bool,
+    wanted: Option<(u32, u32)>,
+) -> Result<DynamicImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -80,12 +91,27 @@ pub fn decode(bytes: &[u8], exif_orientation: bool) -> Result<DynamicImage, Deco
         false => Orientation::NoTransforms,
     };
     drop(header);
+    if format == ImageFormat::Jpeg {
+        // The wanted size is the upright picture's; the stored one may be turned.
+        let stored = wanted.map(|(w, h)| if turns_sideways(orientation) { (h, w) } else { (w, h) });
+        if let Some(rgb) = super::jpeg::decode(bytes, super::jpeg::reduction(width, height, stored), MAX_DECODE_BYTES) {
+            let mut image = DynamicImage::ImageRgb8(rgb);
+            image.apply_orientation(orientation);
+            return Ok(image);
+        }
+    }
     let mut image = reader.decode().map_err(|e| match e {
         image::ImageError::Limits(_) => DecodeError::TooLarge { width, height },
         e => corrupt(e.to_string()),
     })?;
     image.apply_orientation(orientation);
     Ok(image)
+}
+
+/// Whether `orientation` swaps the stored image's width and height.
+fn turns_sideways(orientation: Orientation) -> bool {
+    use Orientation::*;
+    matches!(orientation, Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH)
 }
 
 /// Where a JPEG stops short of its end-of-image marker, if it does.
@@ -155,6 +181,7 @@ fn describe_content(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::resize;
     use super::super::testing::{encode, red};
     use super::*;
     use image::{GenericImageView, ImageFormat, Rgb, RgbImage};
@@ -350,6 +377,45 @@ mod tests {
         // The TIFF header's byte order, garbled.
         broken[12..14].copy_from_slice(b"XX");
         assert!(looks_upright(&decode(&broken, true).unwrap()));
+    }
+
+    /// A smooth JPEG of `width` x `height`, so that any reduction of it
+    /// looks like its resize.
+    fn smooth_jpeg(width: u32, height: u32) -> Vec<u8> {
+        let smooth = RgbImage::from_fn(width, height, |x, y| {
+            Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, ((x + y) * 127 / (width + height)) as u8])
+        });
+        encode(&DynamicImage::ImageRgb8(smooth), ImageFormat::Jpeg)
+    }
+
+    #[test]
+    fn a_large_jpeg_is_decoded_reduced_no_smaller_than_wanted() {
+        let jpeg = smooth_jpeg(1000, 600);
+        // 600 / 4 is short of 224: a half is as far as it goes.
+        assert_eq!(decode_for(&jpeg, true, Some((224, 224))).unwrap().dimensions(), (500, 300));
+        assert_eq!(decode_for(&jpeg, true, Some((100, 70))).unwrap().dimensions(), (125, 75));
+        assert_eq!(decode_for(&jpeg, true, Some((1000, 600))).unwrap().dimensions(), (1000, 600));
+        assert_eq!(decode(&jpeg, true).unwrap().dimensions(), (1000, 600));
+        // Resized to the model's size, the reduced and the whole photo agree.
+        let reduced = resize(decode_for(&jpeg, true, Some((224, 224))).unwrap(), 224, 224).unwrap();
+        let whole = resize(decode(&jpeg, true).unwrap(), 224, 224).unwrap();
+        let worst = reduced.iter().zip(&whole).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 3, "a channel differs by {worst}");
+        let progressive = fixture("progressive.jpg");
+        let (width, height) = decode(&progressive, true).unwrap().dimensions();
+        let half = decode_for(&progressive, true, Some((width / 2, height / 2))).unwrap();
+        assert_eq!(half.dimensions(), (width.div_ceil(2), height.div_ceil(2)));
+    }
+
+    #[test]
+    fn the_wanted_size_is_the_upright_pictures() {
+        // Stored 600 x 1000, shown 1000 x 600 (turned 90 degrees clockwise).
+        let stored = image::imageops::rotate270(&RgbImage::from_pixel(1000, 600, Rgb([90, 160, 40])));
+        let jpeg = with_orientation(&encode(&DynamicImage::ImageRgb8(stored), ImageFormat::Jpeg), 6);
+        // The upright 1000 x 600 halves to 500 x 300 and still covers 400 x 140;
+        // the stored 600 x 1000 measured against it would not reduce at all.
+        assert_eq!(decode_for(&jpeg, true, Some((400, 140))).unwrap().dimensions(), (500, 300));
+        assert_eq!(decode_for(&jpeg, false, Some((400, 140))).unwrap().dimensions(), (600, 1000));
     }
 
     #[test]

@@ -8,15 +8,16 @@
 //! model's size is not known yet at decode time.
 
 mod decode;
+mod jpeg;
 mod resize;
 
-pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_SIDE, decode};
+pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_SIDE, decode, decode_for};
 pub use resize::resize;
 
 /// Decodes (turned as its EXIF orientation says, with `exif_orientation`)
 /// and resizes: the whole stage for one image.
 pub fn prepare(bytes: &[u8], exif_orientation: bool, width: u32, height: u32) -> Result<Vec<u8>, DecodeError> {
-    resize(decode(bytes, exif_orientation)?, width, height)
+    resize(decode_for(bytes, exif_orientation, Some((width, height)))?, width, height)
 }
 
 #[cfg(test)]

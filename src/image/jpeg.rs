@@ -1,0 +1,135 @@
+//! JPEGs through libjpeg-turbo, reduced in the DCT domain where the model's
+//! input is much smaller than the photo.
+//!
+//! libjpeg-turbo is what Pillow decodes with, so at full scale the pixels are
+//! those the reference outputs were computed from; on the progressive photos
+//! that most cameras and sites now write it is faster than zune-jpeg. And it
+//! can return 1/2, 1/4 or 1/8 of the image from the low frequencies of each
+//! block, which saves the inverse transform, the colour conversion and most
+//! of the resize for a photo many times the model's size.
+//!
+//! What it does not take (CMYK and YCCK photos, a header it cannot read, a
+//! warning about corrupt data, a decode past the memory budget) is left to
+//! the image crate's decoder, which decided those cases before this path
+//! existed: this path may only make a decode faster, never refuse one.
+
+use image::RgbImage;
+use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor, Subsamp};
+
+/// The largest reduction, as the denominator of 1/1, 1/2, 1/4 or 1/8, that
+/// leaves an image of `width` x `height` at least `wanted` on both sides
+/// (libjpeg-turbo rounds a reduced side up).
+pub fn reduction(width: u32, height: u32, wanted: Option<(u32, u32)>) -> u32 {
+    let Some((wanted_width, wanted_height)) = wanted else { return 1 };
+    [8, 4, 2]
+        .into_iter()
+        .find(|&d| width.div_ceil(d) >= wanted_width && height.div_ceil(d) >= wanted_height)
+        .unwrap_or(1)
+}
+
+/// `bytes` decoded to RGB at 1/`reduction` of its size, or None where the
+/// image crate's decoder is to decide (the reason is logged at debug level).
+/// `budget` bounds what the decode allocates.
+pub fn decode(bytes: &[u8], reduction: u32, budget: u64) -> Option<RgbImage> {
+    decode_or_why(bytes, reduction, budget).map_err(|why| tracing::debug!("libjpeg-turbo left the JPEG: {why}")).ok()
+}
+
+fn decode_or_why(bytes: &[u8], reduction: u32, budget: u64) -> Result<RgbImage, String> {
+    let mut decompressor = Decompressor::new().map_err(|e| e.to_string())?;
+    let header = decompressor.read_header(bytes).map_err(|e| e.to_string())?;
+    if !matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB) {
+        return Err(format!("{:?} colour space", header.colorspace));
+    }
+    // Lossless JPEGs have no DCT to reduce in.
+    let reduction = if header.is_lossless { 1 } else { reduction as usize };
+    let factor = ScalingFactor::new(1, reduction);
+    let scaled = header.scaled(factor);
+    let needs = memory(header.width, header.height, scaled.width, scaled.height, header.is_progressive, header.subsamp);
+    if needs > budget {
+        return Err(format!("{needs} bytes to decode, over the budget of {budget}"));
+    }
+    decompressor.set_scaling_factor(factor).map_err(|e| e.to_string())?;
+    let (width, height) = (scaled.width, scaled.height);
+    let mut output =
+        Image { pixels: vec![0; width * height * 3], width, pitch: width * 3, height, format: PixelFormat::RGB };
+    decompressor.decompress(bytes, output.as_deref_mut()).map_err(|e| e.to_string())?;
+    let size = |side: usize| u32::try_from(side).map_err(|_| format!("a side of {side} pixels"));
+    RgbImage::from_raw(size(width)?, size(height)?, output.pixels).ok_or_else(|| "no room for the pixels".into())
+}
+
+/// What a decode allocates at most, near enough to bound it: the RGB output,
+/// and for a progressive JPEG the whole image's DCT coefficients (two bytes
+/// each, every component at its sampling, blocks padded to the MCU), which
+/// libjpeg keeps at full size whatever the reduction.
+fn memory(
+    width: usize,
+    height: usize,
+    out_width: usize,
+    out_height: usize,
+    progressive: bool,
+    subsamp: Subsamp,
+) -> u64 {
+    let output = (out_width * out_height * 3) as u64;
+    if !progressive {
+        return output;
+    }
+    let padded = (width.div_ceil(16) * 16 * height.div_ceil(16) * 16) as u64;
+    // Samples per pixel over all components: luma, plus the chroma planes.
+    let samples_per_4_pixels = match subsamp {
+        Subsamp::Gray => 4,
+        Subsamp::Sub2x2 | Subsamp::Sub4x1 | Subsamp::Sub1x4 => 6,
+        Subsamp::Sub2x1 | Subsamp::Sub1x2 => 8,
+        _ => 12,
+    };
+    output + padded * samples_per_4_pixels / 4 * 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reduces_as_far_as_the_wanted_size_allows() {
+        assert_eq!(reduction(4000, 3000, Some((224, 224))), 8);
+        assert_eq!(reduction(1792, 1792, Some((224, 224))), 8);
+        // One pixel short of 8x on a side: 1791 / 8 rounds up to 224.
+        assert_eq!(reduction(1791, 1791, Some((224, 224))), 8);
+        assert_eq!(reduction(1784, 1800, Some((224, 224))), 4);
+        assert_eq!(reduction(1024, 683, Some((224, 224))), 2);
+        assert_eq!(reduction(447, 1000, Some((224, 224))), 2);
+        assert_eq!(reduction(446, 1000, Some((224, 224))), 1);
+        assert_eq!(reduction(224, 224, Some((224, 224))), 1);
+        assert_eq!(reduction(100, 80, Some((224, 224))), 1);
+        // Each side against its own wanted side.
+        assert_eq!(reduction(1000, 200, Some((224, 24))), 4);
+        assert_eq!(reduction(4000, 3000, None), 1);
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/").to_owned() + name;
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (fixtures/make_images.py makes it)"))
+    }
+
+    #[test]
+    fn leaves_to_the_other_decoder_what_it_should_not_decide() {
+        let progressive = fixture("progressive.jpg");
+        let whole = decode(&progressive, 1, u64::MAX).expect("a progressive JPEG");
+        let needs = (whole.width() * whole.height() * 3) as u64;
+        // Its coefficients on top of its pixels: past a budget of its pixels.
+        assert!(decode(&progressive, 1, needs).is_none());
+        assert!(decode(&progressive, 1, needs * 4).is_some());
+        assert!(decode(&fixture("cmyk_red.jpg"), 1, u64::MAX).is_none());
+        // A warning about corrupt data is the other decoder's to judge.
+        let cut = [&progressive[..progressive.len() / 2], &[0xFF, 0xD9]].concat();
+        assert!(decode(&cut, 1, u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_progressive_decode_counts_its_coefficients() {
+        let baseline = memory(1000, 1000, 250, 250, false, Subsamp::Sub2x2);
+        assert_eq!(baseline, 250 * 250 * 3);
+        // 1008 x 1008 padded, 1.5 samples a pixel, 2 bytes a sample.
+        assert_eq!(memory(1000, 1000, 250, 250, true, Subsamp::Sub2x2), baseline + 1008 * 1008 * 3);
+        assert_eq!(memory(1000, 1000, 250, 250, true, Subsamp::None), baseline + 1008 * 1008 * 6);
+    }
+}
