@@ -182,7 +182,7 @@ fn describe_content(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::resize;
-    use super::super::testing::{encode, red};
+    use super::super::testing::{encode, fixture, red};
     use super::*;
     use image::{GenericImageView, ImageFormat, Rgb, RgbImage};
 
@@ -208,11 +208,6 @@ mod tests {
         let err = decode(&png, true).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { width: 50_000, height: 50_000 }), "{err}");
         assert_eq!(err.to_string(), "image of 50000x50000 pixels is larger than the limit of 16384x16384");
-    }
-
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/").to_owned() + name;
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (fixtures/make_images.py makes it)"))
     }
 
     /// The photos beside the project, or None with a message when a clone

@@ -86,6 +86,7 @@ fn memory(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::fixture;
     use super::*;
 
     #[test]
@@ -103,11 +104,6 @@ mod tests {
         // Each side against its own wanted side.
         assert_eq!(reduction(1000, 200, Some((224, 24))), 4);
         assert_eq!(reduction(4000, 3000, None), 1);
-    }
-
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/").to_owned() + name;
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (fixtures/make_images.py makes it)"))
     }
 
     #[test]

@@ -32,6 +32,12 @@ mod testing {
         out.into_inner()
     }
 
+    /// A file of the project's own `fixtures/`.
+    pub fn fixture(name: &str) -> Vec<u8> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/").to_owned() + name;
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (fixtures/make_images.py makes it)"))
+    }
+
     pub fn red(width: u32, height: u32) -> DynamicImage {
         DynamicImage::ImageRgb8(RgbImage::from_pixel(width, height, Rgb([220, 20, 20])))
     }
