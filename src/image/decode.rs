@@ -14,6 +14,11 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 pub const MAX_SIDE: u32 = 16_384;
 /// The most one decode may allocate.
 pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+/// JPEGs with more scans than this are refused. A progressive photo has about
+/// ten; each scan may touch every coefficient of the image again, so a file
+/// of thousands of tiny scans costs a decoder minutes of CPU (libjpeg-turbo
+/// suggests 500 as the limit against it).
+pub const MAX_JPEG_SCANS: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -29,6 +34,8 @@ pub enum DecodeError {
     /// with grey and the model would classify half a photo as a whole one.
     #[error("cannot decode {format} image: the file is truncated ({detail})")]
     Truncated { format: String, detail: String },
+    #[error("cannot decode JPEG image: {scans} scans, more than the limit of {MAX_JPEG_SCANS}")]
+    TooManyScans { scans: usize },
     #[error("cannot resize image: {0}")]
     Resize(String),
 }
@@ -63,11 +70,17 @@ pub fn decode_for(
     // silently, and the crate (0.25.10) turns its strict mode off. Strict
     // mode would not be enough either: it checks only between rows of blocks,
     // and let a baseline photo missing its last three bytes through.
-    if format == ImageFormat::Jpeg
-        && let Some(detail) = jpeg_truncation(bytes)
-    {
-        return Err(DecodeError::Truncated { format: format_name, detail });
-    }
+    let scans = match format {
+        ImageFormat::Jpeg => {
+            let scans =
+                jpeg_scans(bytes).map_err(|detail| DecodeError::Truncated { format: format_name.clone(), detail })?;
+            if scans > MAX_JPEG_SCANS {
+                return Err(DecodeError::TooManyScans { scans });
+            }
+            scans
+        }
+        _ => 0,
+    };
     let corrupt = |reason: String| DecodeError::Corrupt { format: format_name.clone(), reason };
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -94,7 +107,8 @@ pub fn decode_for(
     if format == ImageFormat::Jpeg {
         // The wanted size is the upright picture's; the stored one may be turned.
         let stored = wanted.map(|(w, h)| if turns_sideways(orientation) { (h, w) } else { (w, h) });
-        if let Some(rgb) = super::jpeg::decode(bytes, super::jpeg::reduction(width, height, stored), MAX_DECODE_BYTES) {
+        let reduction = super::jpeg::reduction(width, height, stored);
+        if let Some(rgb) = super::jpeg::decode(bytes, reduction, scans > 1, MAX_DECODE_BYTES) {
             let mut image = DynamicImage::ImageRgb8(rgb);
             image.apply_orientation(orientation);
             return Ok(image);
@@ -114,7 +128,8 @@ fn turns_sideways(orientation: Orientation) -> bool {
     matches!(orientation, Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH)
 }
 
-/// Where a JPEG stops short of its end-of-image marker, if it does.
+/// How many scans a JPEG has, or where it stops short of its end-of-image
+/// marker if it does.
 ///
 /// Walks the marker segments by their lengths, so the thumbnail inside an
 /// EXIF segment (a whole JPEG with its own end marker) is skipped, and runs
@@ -123,12 +138,12 @@ fn turns_sideways(orientation: Orientation) -> bool {
 /// refuse a file that lacks only those two bytes. Bytes between segments that
 /// are not a marker are skipped, as libjpeg does with a warning, so that this
 /// rejects nothing but a missing end.
-fn jpeg_truncation(bytes: &[u8]) -> Option<String> {
+fn jpeg_scans(bytes: &[u8]) -> Result<usize, String> {
     let len = bytes.len();
     // Past the start-of-image marker, which the format sniffing has seen.
     let mut pos = 2;
     let mut scans = 0;
-    let stop = |place: &str| Some(format!("it ends after {len} bytes, {place}, without an end-of-image marker"));
+    let stop = |place: &str| Err(format!("it ends after {len} bytes, {place}, without an end-of-image marker"));
     let inside_data =
         |scans: usize| if scans == 0 { "before the compressed pixels" } else { "in the compressed pixels" };
     loop {
@@ -141,7 +156,7 @@ fn jpeg_truncation(bytes: &[u8]) -> Option<String> {
         };
         pos = code_at + 1;
         match bytes[code_at] {
-            0xD9 => return None,
+            0xD9 => return Ok(scans),
             // A stuffed zero in scan data, a restart marker, or a marker that
             // has no length: nothing to skip.
             0x00 | 0x01 | 0xD0..=0xD8 => {}
@@ -268,6 +283,30 @@ mod tests {
         {
             assert_cuts_are_truncated(name, photo);
         }
+    }
+
+    #[test]
+    fn counts_the_scans_of_a_jpeg() {
+        assert_eq!(jpeg_scans(&baseline_jpeg()), Ok(1));
+        // A baseline file that codes each component in a scan of its own.
+        assert_eq!(jpeg_scans(&fixture("multiscan_baseline.jpg")), Ok(3));
+        assert!(jpeg_scans(&fixture("progressive.jpg")).is_ok_and(|scans| scans > 3));
+    }
+
+    /// A JPEG's start, then `scans` scan headers, each with a byte of data.
+    fn jpeg_of_scans(scans: usize) -> Vec<u8> {
+        let scan = [0xFF, 0xDA, 0x00, 0x08, 0x01, 0x01, 0x00, 0x00, 0x3F, 0x00, 0x2A];
+        [&[0xFF, 0xD8][..], &scan.repeat(scans), &[0xFF, 0xD9]].concat()
+    }
+
+    #[test]
+    fn refuses_a_jpeg_of_too_many_scans_before_decoding_it() {
+        let err = decode(&jpeg_of_scans(MAX_JPEG_SCANS + 1), true).unwrap_err();
+        assert!(matches!(err, DecodeError::TooManyScans { scans } if scans == MAX_JPEG_SCANS + 1), "{err:?}");
+        assert_eq!(err.to_string(), "cannot decode JPEG image: 501 scans, more than the limit of 500");
+        // At the limit, the file is the decoders' to judge (this one has no frame).
+        let err = decode(&jpeg_of_scans(MAX_JPEG_SCANS), true).unwrap_err();
+        assert!(matches!(err, DecodeError::Corrupt { .. }), "{err:?}");
     }
 
     #[test]
@@ -427,7 +466,7 @@ mod tests {
         };
         assert!(photos.len() > 200, "{} JPEGs", photos.len());
         for (name, photo) in &photos {
-            assert_eq!(jpeg_truncation(photo), None, "{name}");
+            assert!(jpeg_scans(photo).is_ok(), "{name}");
         }
     }
 }

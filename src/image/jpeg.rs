@@ -29,13 +29,20 @@ pub fn reduction(width: u32, height: u32, wanted: Option<(u32, u32)>) -> u32 {
 
 /// `bytes` decoded to RGB at 1/`reduction` of its size, or None where the
 /// image crate's decoder is to decide (the reason is logged at debug level).
-/// `budget` bounds what the decode allocates.
-pub fn decode(bytes: &[u8], reduction: u32, budget: u64) -> Option<RgbImage> {
-    decode_or_why(bytes, reduction, budget).map_err(|why| tracing::debug!("libjpeg-turbo left the JPEG: {why}")).ok()
+/// `budget` bounds what the decode allocates; `multi_scan` says whether the
+/// file has more than one scan (the caller has counted them), which makes
+/// libjpeg keep the whole image's coefficients.
+pub fn decode(bytes: &[u8], reduction: u32, multi_scan: bool, budget: u64) -> Option<RgbImage> {
+    decode_or_why(bytes, reduction, multi_scan, budget)
+        .map_err(|why| tracing::debug!("libjpeg-turbo left the JPEG: {why}"))
+        .ok()
 }
 
-fn decode_or_why(bytes: &[u8], reduction: u32, budget: u64) -> Result<RgbImage, String> {
+fn decode_or_why(bytes: &[u8], reduction: u32, multi_scan: bool, budget: u64) -> Result<RgbImage, String> {
     let mut decompressor = Decompressor::new().map_err(|e| e.to_string())?;
+    // The caller refuses files of more scans; this holds should its count
+    // and libjpeg's ever differ.
+    decompressor.set_scan_limit(super::MAX_JPEG_SCANS as u32).map_err(|e| e.to_string())?;
     let header = decompressor.read_header(bytes).map_err(|e| e.to_string())?;
     if !matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB) {
         return Err(format!("{:?} colour space", header.colorspace));
@@ -44,7 +51,8 @@ fn decode_or_why(bytes: &[u8], reduction: u32, budget: u64) -> Result<RgbImage, 
     let reduction = if header.is_lossless { 1 } else { reduction as usize };
     let factor = ScalingFactor::new(1, reduction);
     let scaled = header.scaled(factor);
-    let needs = memory(header.width, header.height, scaled.width, scaled.height, header.is_progressive, header.subsamp);
+    let whole_image_buffered = header.is_progressive || multi_scan;
+    let needs = memory(header.width, header.height, scaled.width, scaled.height, whole_image_buffered, header.subsamp);
     if needs > budget {
         return Err(format!("{needs} bytes to decode, over the budget of {budget}"));
     }
@@ -58,19 +66,21 @@ fn decode_or_why(bytes: &[u8], reduction: u32, budget: u64) -> Result<RgbImage, 
 }
 
 /// What a decode allocates at most, near enough to bound it: the RGB output,
-/// and for a progressive JPEG the whole image's DCT coefficients (two bytes
-/// each, every component at its sampling, blocks padded to the MCU), which
-/// libjpeg keeps at full size whatever the reduction.
+/// and for a JPEG of several scans the whole image's DCT coefficients (two
+/// bytes each, every component at its sampling, blocks padded to the MCU),
+/// which libjpeg keeps at full size whatever the reduction. Progressive files
+/// have several scans; so do baseline files that code their components in
+/// scans of their own (libjpeg's `has_multiple_scans`, jdinput.c).
 fn memory(
     width: usize,
     height: usize,
     out_width: usize,
     out_height: usize,
-    progressive: bool,
+    whole_image_buffered: bool,
     subsamp: Subsamp,
 ) -> u64 {
     let output = (out_width * out_height * 3) as u64;
-    if !progressive {
+    if !whole_image_buffered {
         return output;
     }
     let padded = (width.div_ceil(16) * 16 * height.div_ceil(16) * 16) as u64;
@@ -109,15 +119,24 @@ mod tests {
     #[test]
     fn leaves_to_the_other_decoder_what_it_should_not_decide() {
         let progressive = fixture("progressive.jpg");
-        let whole = decode(&progressive, 1, u64::MAX).expect("a progressive JPEG");
+        let whole = decode(&progressive, 1, true, u64::MAX).expect("a progressive JPEG");
         let needs = (whole.width() * whole.height() * 3) as u64;
         // Its coefficients on top of its pixels: past a budget of its pixels.
-        assert!(decode(&progressive, 1, needs).is_none());
-        assert!(decode(&progressive, 1, needs * 4).is_some());
-        assert!(decode(&fixture("cmyk_red.jpg"), 1, u64::MAX).is_none());
+        assert!(decode(&progressive, 1, true, needs).is_none());
+        assert!(decode(&progressive, 1, true, needs * 4).is_some());
+        assert!(decode(&fixture("cmyk_red.jpg"), 1, false, u64::MAX).is_none());
         // A warning about corrupt data is the other decoder's to judge.
         let cut = [&progressive[..progressive.len() / 2], &[0xFF, 0xD9]].concat();
-        assert!(decode(&cut, 1, u64::MAX).is_none());
+        assert!(decode(&cut, 1, true, u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_baseline_jpeg_of_several_scans_counts_its_coefficients() {
+        let multi_scan = fixture("multiscan_baseline.jpg");
+        let whole = decode(&multi_scan, 1, true, u64::MAX).expect("a baseline JPEG of three scans");
+        let pixels = (whole.width() * whole.height() * 3) as u64;
+        assert!(decode(&multi_scan, 1, true, pixels).is_none());
+        assert!(decode(&multi_scan, 1, true, pixels * 4).is_some());
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod decode;
 mod jpeg;
 mod resize;
 
-pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_SIDE, decode, decode_for};
+pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_JPEG_SCANS, MAX_SIDE, decode, decode_for};
 pub use resize::resize;
 
 /// Decodes (turned as its EXIF orientation says, with `exif_orientation`)
