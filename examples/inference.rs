@@ -24,8 +24,9 @@ fn main() -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism()?.get();
     let arithmetic = match std::env::var("ARITHMETIC").as_deref() {
         Ok("float") => Arithmetic::Float,
+        Ok("rounded") => Arithmetic::Rounded,
         Ok("quantized") | Err(_) => Arithmetic::Quantized,
-        Ok(other) => anyhow::bail!("ARITHMETIC={other:?}: expected quantized or float"),
+        Ok(other) => anyhow::bail!("ARITHMETIC={other:?}: expected quantized, rounded or float"),
     };
     // Taken in turn, so that both share the machine's noise alike.
     let (mut alone, mut together) = (vec![], vec![]);
@@ -45,15 +46,19 @@ fn main() -> anyhow::Result<()> {
     let input = model.input();
     let images: Vec<Vec<u8>> = args[1..]
         .iter()
-        .map(|p| Ok(classifier::image::prepare(&std::fs::read(p)?, true, input.width, input.height)?))
+        .map(|p| {
+            Ok(classifier::image::prepare(&std::fs::read(p)?, true, input.width, input.height, Default::default())?)
+        })
         .collect::<anyhow::Result<_>>()?;
     let rounds = 5;
     let per_image = |model: &Model| -> anyhow::Result<Vec<Duration>> {
         let mut times = vec![];
+        // As a worker of the engine runs: one session, kept from image to image.
+        let mut session = model.session()?;
         for _ in 0..rounds {
             for image in &images {
                 let t = Instant::now();
-                model.classify(&[image])?;
+                session.classify(image)?;
                 times.push(t.elapsed());
             }
         }

@@ -56,6 +56,7 @@ fn settings(server: &MockServer) -> EngineSettings {
         queue: 8,
         max_image_bytes: 1 << 20,
         exif_orientation: true,
+        decoding: classifier::image::Decoding::Exact,
         channels: Default::default(),
     }
 }

@@ -58,6 +58,7 @@ impl Settings {
             queue: batch_size * threads,
             max_image_bytes: args.max_image_bytes,
             exif_orientation: !args.no_exif_orientation,
+            decoding: args.decode.into(),
             arithmetic: args.model_options.arithmetic(),
             channels: args.model_options.channels.into(),
         };

@@ -25,6 +25,7 @@ pub use metrics::{Metrics, Snapshot};
 pub use pool::WhenFull;
 
 use crate::deadline::Deadline;
+use crate::image::Decoding;
 use crate::input::{FetchError, Fetcher, Source};
 use crate::labels::Labels;
 use crate::model::{Arithmetic, Channels, Format, InputSpec, MeanStd, Model};
@@ -63,6 +64,8 @@ pub struct EngineSettings {
     pub max_image_bytes: u64,
     /// Whether images are turned as their EXIF orientation tag says.
     pub exif_orientation: bool,
+    /// How JPEGs are decoded.
+    pub decoding: Decoding,
     /// How a quantized model computes.
     pub arithmetic: Arithmetic,
     /// The order of the colour channels the model reads.
@@ -119,6 +122,7 @@ struct Inner {
     fetcher: Fetcher,
     max_image_bytes: u64,
     exif_orientation: bool,
+    decoding: Decoding,
     state: watch::Receiver<State>,
     queue: pool::Queue,
     limits: prepare::Limits,
@@ -140,6 +144,7 @@ impl Engine {
         let (state_tx, state) = watch::channel(State::Loading { input: settings.model_input });
         let metrics = Arc::new(Metrics::default());
         let (max_image_bytes, exif_orientation) = (settings.max_image_bytes, settings.exif_orientation);
+        let decoding = settings.decoding;
         let loader = {
             let (fetcher, metrics, room) = (fetcher.clone(), metrics.clone(), queue.closer());
             tokio::spawn(async move {
@@ -163,6 +168,7 @@ impl Engine {
         let inner = Inner {
             max_image_bytes,
             exif_orientation,
+            decoding,
             fetcher,
             state,
             queue,
@@ -251,16 +257,7 @@ impl Engine {
             }
             Input::Bytes { name, bytes } => (name, bytes),
         };
-        let pixels = prepare::prepare(
-            bytes,
-            inner.exif_orientation,
-            &inner.limits,
-            &inner.state,
-            deadline,
-            &inner.metrics,
-            &name,
-        )
-        .await?;
+        let pixels = prepare::prepare(bytes, inner, deadline, &name).await?;
         let answer = inner.queue.submit(pixels, deadline, request.when_full).await?;
         Ok(Queued { engine: self.clone(), answer, request })
     }

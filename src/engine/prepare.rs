@@ -12,10 +12,10 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::debug_span;
 
-use super::State;
 use super::error::SourceError;
-use super::metrics::Metrics;
+use super::{Inner, State};
 use crate::deadline::Deadline;
+use crate::image::Decoding;
 
 /// What bounds the preparation of images.
 pub(super) struct Limits {
@@ -38,19 +38,17 @@ impl Limits {
 /// RGB, ready for the queue. `name` is for the logs.
 pub(super) async fn prepare(
     bytes: Bytes,
-    exif_orientation: bool,
-    limits: &Limits,
-    state: &watch::Receiver<State>,
+    engine: &Inner,
     deadline: Deadline,
-    metrics: &Metrics,
     name: &str,
 ) -> Result<Vec<u8>, SourceError> {
+    let Inner { exif_orientation, decoding, ref limits, ref state, ref metrics, .. } = *engine;
     let span = debug_span!("decode", source = name);
-    // A JPEG is decoded reduced as far as the model's size allows, so it
-    // waits for the size: decoded early at full size, it would come out
+    // A JPEG decoded fast is reduced as far as the model's size allows, so
+    // it waits for the size: decoded early at full size, it would come out
     // otherwise than the same photo decoded later.
     let early = match known_size(state) {
-        None if !is_jpeg(&bytes) => limits.early.clone().try_acquire_owned().ok(),
+        None if decoding == Decoding::Exact || !is_jpeg(&bytes) => limits.early.clone().try_acquire_owned().ok(),
         _ => None,
     };
     let (pixels, spent) = match early {
@@ -74,7 +72,7 @@ pub(super) async fn prepare(
             let decoder = decoder(limits, deadline).await?;
             blocking(move || {
                 let _decoder = decoder;
-                span.in_scope(|| crate::image::prepare(&bytes, exif_orientation, width, height))
+                span.in_scope(|| crate::image::prepare(&bytes, exif_orientation, width, height, decoding))
             })
             .await?
         }

@@ -5,6 +5,7 @@
 //! is rebuilt as float32 and cut into stages, `tflite`; an ONNX one is read
 //! as it is, `onnx`): from there on one `Model` and one `Session` serve both.
 
+mod integer;
 mod kernels;
 mod onnx;
 pub mod tflite;
@@ -107,14 +108,18 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
     payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned())
 }
 
-/// How a quantized model's arithmetic is carried out in the float plan.
+/// How a quantized model's arithmetic is carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Arithmetic {
-    /// As its authors ran it: every activation the file quantizes is rounded
-    /// to its 8-bit grid, as the quantized runtime rounds it. A float model
-    /// has none to round.
+    /// As its authors ran it: in 8-bit integers (`integer`), or where the
+    /// graph has an op the integer steps lack, in float32 with every
+    /// activation the file quantizes rounded to its 8-bit grid, as the
+    /// quantized runtime rounds it. A float model has none to round.
     #[default]
     Quantized,
+    /// In float32, every activation the file quantizes rounded to its grid:
+    /// what `Quantized` falls back to, chosen outright.
+    Rounded,
     /// In float32 throughout, the activations unrounded.
     Float,
 }
@@ -158,7 +163,7 @@ pub enum Channels {
 /// network may be cut into stages (see [`Model::from_bytes`]), run one after
 /// the other on each image.
 pub struct Model {
-    stages: Vec<Arc<TypedRunnableModel>>,
+    plan: Plan,
     input: InputSpec,
     classes: usize,
     probabilities: bool,
@@ -168,12 +173,24 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plan = match &self.plan {
+            Plan::Tract(stages) => format!("{} tract stages", stages.len()),
+            Plan::Integer(network) => format!("{} integer steps", network.steps.len()),
+        };
         f.debug_struct("Model")
             .field("input", &self.input)
             .field("classes", &self.classes)
-            .field("stages", &self.stages.len())
+            .field("plan", &plan)
             .finish()
     }
+}
+
+/// What runs the network.
+enum Plan {
+    /// tract, on a float32 graph cut into stages run one after the other.
+    Tract(Vec<Arc<TypedRunnableModel>>),
+    /// The tool's own integer steps, for a quantized TFLite model.
+    Integer(Arc<integer::Network>),
 }
 
 impl Model {
@@ -204,7 +221,13 @@ impl Model {
         if format == Format::Onnx {
             return Model::from_onnx(&file, given, started);
         }
-        let grids = arithmetic == Arithmetic::Quantized;
+        if arithmetic == Arithmetic::Quantized {
+            match dequantize::integer(&file, given)? {
+                Ok(model) => return Model::from_integer(model, started),
+                Err(why) => tracing::debug!("the model runs in float32, rounded as the quantized one: {why}"),
+            }
+        }
+        let grids = arithmetic != Arithmetic::Float;
         let mut float = dequantize::dequantize(&file, threads.max(1).saturating_mul(2), given, grids)?;
         let (probabilities, labels) = (float.probabilities, float.labels.take());
         let grids = &float.grids;
@@ -265,7 +288,27 @@ impl Model {
             grids = float.grids.len(),
             "model prepared"
         );
-        Ok(Model { stages, input, classes, probabilities, labels, format })
+        Ok(Model { plan: Plan::Tract(stages), input, classes, probabilities, labels, format })
+    }
+
+    /// A quantized TFLite model planned as integer steps.
+    fn from_integer(model: dequantize::IntegerModel, started: Instant) -> Result<Model, ModelError> {
+        let dequantize::IntegerModel { network, normalization, probabilities, labels } = model;
+        let (input, classes) = check_classifier(Layout::Nhwc, network.size, &network.output_shape, normalization)?;
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            steps = network.steps.len(),
+            session_bytes = network.session_bytes(),
+            "integer model prepared"
+        );
+        Ok(Model {
+            plan: Plan::Integer(Arc::new(network)),
+            input,
+            classes,
+            probabilities,
+            labels,
+            format: Format::Tflite,
+        })
     }
 
     /// Prepares an ONNX model, in one stage: tract-onnx reads the graph as
@@ -279,7 +322,7 @@ impl Model {
         let stages = vec![guarded(|| optimize(model, &[])?.into_runnable())?];
         let (input, classes) = classifier_shape(&stages, Format::Onnx, normalization)?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "ONNX model prepared");
-        Ok(Model { stages, input, classes, probabilities, labels: None, format: Format::Onnx })
+        Ok(Model { plan: Plan::Tract(stages), input, classes, probabilities, labels: None, format: Format::Onnx })
     }
 
     /// The same model reading the image's channels in `channels` order.
@@ -321,11 +364,21 @@ impl Model {
         images.iter().map(|image| session.classify(image)).collect()
     }
 
+    /// Whether it runs in the tool's own integer steps.
+    pub fn runs_in_integers(&self) -> bool {
+        matches!(self.plan, Plan::Integer(_))
+    }
+
     /// A running copy of the model for one worker, which keeps its tract
-    /// states from one image to the next.
+    /// states or its buffers from one image to the next.
     pub fn session(&self) -> anyhow::Result<Session> {
-        let states = self.stages.iter().map(|stage| stage.spawn()).collect::<TractResult<Vec<_>>>()?;
-        Ok(Session { states, input: self.input, classes: self.classes })
+        let runner = match &self.plan {
+            Plan::Tract(stages) => {
+                Runner::Tract(stages.iter().map(|stage| stage.spawn()).collect::<TractResult<Vec<_>>>()?)
+            }
+            Plan::Integer(network) => Runner::Integer(network.clone(), network.session()),
+        };
+        Ok(Session { runner, input: self.input, classes: self.classes })
     }
 }
 
@@ -335,9 +388,14 @@ impl Model {
 /// larger batches on this kind of network (see BENCHMARKS.md), so images
 /// run one by one through the same states.
 pub struct Session {
-    states: Vec<TypedSimpleState>,
+    runner: Runner,
     input: InputSpec,
     classes: usize,
+}
+
+enum Runner {
+    Tract(Vec<TypedSimpleState>),
+    Integer(Arc<integer::Network>, integer::Session),
 }
 
 impl Session {
@@ -346,9 +404,19 @@ impl Session {
     pub fn classify(&mut self, image: &[u8]) -> anyhow::Result<Vec<f32>> {
         let per_image = self.input.image_bytes();
         anyhow::ensure!(image.len() == per_image, "image of {} bytes, the model wants {per_image}", image.len());
+        let states = match &mut self.runner {
+            Runner::Integer(network, session) => {
+                let order = match self.input.channels {
+                    Channels::Rgb => [0, 1, 2],
+                    Channels::Bgr => [2, 1, 0],
+                };
+                return Ok(network.classify(session, image, order));
+            }
+            Runner::Tract(states) => states,
+        };
         let input = input_tensor(&self.input, image)?;
         let mut outputs = tvec!(input.into());
-        for state in &mut self.states {
+        for state in states {
             outputs = guarded(|| state.run(outputs))?;
         }
         let scores = outputs[0].to_plain_array_view::<f32>()?;
@@ -469,12 +537,30 @@ fn classifier_shape(
         }
     };
     let output = last.output_fact(0).map_err(ModelError::Tract)?;
-    let classes = match output.shape.as_concrete() {
-        Some(&[c] | &[1, c] | &[1, 1, 1, c]) if c > 0 => c,
+    let Some(output) = output.shape.as_concrete() else {
+        return Err(not_classifier(format!(
+            "output of shape {}, expected [1, classes], [classes] or [1, 1, 1, classes]",
+            axes(&output.shape)
+        )));
+    };
+    check_classifier(layout, (height, width), output, normalization)
+}
+
+/// Checks an image classifier's input size and output shape, and gives its
+/// input and number of classes.
+fn check_classifier(
+    layout: Layout,
+    (height, width): (usize, usize),
+    output: &[usize],
+    normalization: Normalization,
+) -> Result<(InputSpec, usize), ModelError> {
+    let not_classifier = |m: String| ModelError::NotAClassifier(m);
+    let classes = match *output {
+        [c] | [1, c] | [1, 1, 1, c] if c > 0 => c,
         _ => {
+            let shape = output.iter().map(|axis| axis.to_string()).collect::<Vec<_>>().join(", ");
             return Err(not_classifier(format!(
-                "output of shape {}, expected [1, classes], [classes] or [1, 1, 1, classes]",
-                axes(&output.shape)
+                "output of shape [{shape}], expected [1, classes], [classes] or [1, 1, 1, classes]"
             )));
         }
     };
@@ -583,11 +669,18 @@ mod tests {
         assert!(model.classify(&[&red[..10]]).is_err());
     }
 
+    fn stages(model: &Model) -> usize {
+        match &model.plan {
+            Plan::Tract(stages) => stages.len(),
+            Plan::Integer(_) => 0,
+        }
+    }
+
     #[test]
     fn a_model_scores_alike_in_any_number_of_stages() {
-        let few = Model::from_bytes(&mock(), 1).unwrap();
-        let many = Model::from_bytes(&mock(), 2).unwrap();
-        assert_eq!((few.stages.len(), many.stages.len()), (2, 4));
+        let few = Model::load(&mock(), 1, None, Arithmetic::Rounded).unwrap();
+        let many = Model::load(&mock(), 2, None, Arithmetic::Rounded).unwrap();
+        assert_eq!((stages(&few), stages(&many)), (2, 4));
         let images: Vec<Vec<u8>> = (0..8u8)
             .map(|k| (0..192u8).map(|i| i.wrapping_mul(31).wrapping_add(k.wrapping_mul(40))).collect())
             .collect();
@@ -614,6 +707,43 @@ mod tests {
         for (q, f) in quantized.iter().zip(&float) {
             assert!(q.iter().zip(f).all(|(q, f)| (q - f).abs() < 0.05), "{q:?} vs {f:?}");
         }
+    }
+
+    #[test]
+    fn a_quantized_model_runs_in_integers_as_its_rounded_float_rebuild_does() {
+        let integer = Model::load(&mock(), 2, None, Arithmetic::Quantized).unwrap();
+        let rounded = Model::load(&mock(), 2, None, Arithmetic::Rounded).unwrap();
+        if !kernels::integer::has_vector_kernels() {
+            eprintln!("skipped: this CPU has no 8-bit dot-product instructions, and the model runs in float32");
+            assert!(!integer.runs_in_integers());
+            return;
+        }
+        assert!(integer.runs_in_integers() && !rounded.runs_in_integers());
+        assert_eq!((integer.input(), integer.classes()), (rounded.input(), rounded.classes()));
+        let images: Vec<Vec<u8>> = (0..32u8)
+            .map(|k| (0..192u8).map(|i| i.wrapping_mul(37).wrapping_add(k.wrapping_mul(29)) ^ (k & i)).collect())
+            .collect();
+        let images: Vec<&[u8]> = images.iter().map(|i| i.as_slice()).collect();
+        let (a, b) = (integer.classify(&images).unwrap(), rounded.classify(&images).unwrap());
+        let mut same = 0;
+        for (a, b) in a.iter().zip(&b) {
+            // The same network: its activations may round differently where
+            // float sums land within an ulp of a step's middle.
+            assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2.0 / 256.0 + 1e-6), "{a:?} vs {b:?}");
+            assert!(a.iter().all(|s| (s * 256.0 - (s * 256.0).round()).abs() < 1e-4), "{a:?} off the 1/256 steps");
+            same += usize::from(a == b);
+        }
+        assert!(same >= images.len() / 2, "only {same} of {} images scored alike", images.len());
+    }
+
+    #[test]
+    fn an_integer_model_reads_bgr_as_asked() {
+        let rgb = Model::load(&mock(), 1, None, Arithmetic::Quantized).unwrap();
+        let bgr = Model::load(&mock(), 1, None, Arithmetic::Quantized).unwrap().with_channels(Channels::Bgr);
+        let red: Vec<u8> = [255, 0, 0].repeat(64);
+        let blue: Vec<u8> = [0, 0, 255].repeat(64);
+        assert_eq!(rgb.classify(&[&red]).unwrap(), bgr.classify(&[&blue]).unwrap());
+        assert_ne!(rgb.classify(&[&red]).unwrap(), bgr.classify(&[&red]).unwrap());
     }
 
     #[test]

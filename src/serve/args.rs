@@ -156,6 +156,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CLASSIFIER_NO_EXIF_ORIENTATION", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_exif_orientation: bool,
 
+    /// How JPEGs are decoded: `exact` whole, then resized as Pillow
+    /// resizes; `fast` reduced where the model's input allows, as the
+    /// command line's --decode.
+    #[arg(long, env = "CLASSIFIER_DECODE", value_enum, default_value_t = crate::cli::DecodeArg::Exact)]
+    pub decode: crate::cli::DecodeArg,
+
     /// Keep the models and label maps in this folder between runs.
     /// [default: the user's cache folder, such as ~/.cache/classifier]
     #[arg(long, value_name = "PATH", env = "CLASSIFIER_CACHE_DIR")]

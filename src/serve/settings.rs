@@ -91,6 +91,7 @@ impl ServeSettings {
             queue: args.queue as usize,
             max_image_bytes: args.max_image_bytes,
             exif_orientation: !args.no_exif_orientation,
+            decoding: args.decode.into(),
             // As on the command line, for every model served.
             normalization: args.model_options.normalization(),
             scores: args.model_options.scores,

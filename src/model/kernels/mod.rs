@@ -5,5 +5,6 @@ pub mod dense;
 pub mod depthwise;
 mod fusing;
 pub mod grid;
+pub mod integer;
 #[cfg(test)]
 mod testing;

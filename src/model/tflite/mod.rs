@@ -21,6 +21,7 @@
 //! `quant` holds the quantization parameters and arithmetic they all share.
 
 pub mod archive;
+mod integer;
 mod metadata;
 mod quant;
 mod read;
@@ -29,6 +30,7 @@ mod stages;
 mod write;
 mod zip;
 
+use super::integer::Network;
 use super::kernels::grid::Grid;
 use read::Graph;
 use write::Rebuilt;
@@ -187,20 +189,46 @@ pub(crate) fn dequantize(bytes: &[u8], stages: usize, given: Option<MeanStd>, gr
     let graph = Graph::from_bytes(bytes)?;
     let normalization = graph.input_normalization(given)?;
     let probabilities = graph.output_is_probability();
-    let labels = match graph.metadata.as_ref().and_then(|m| m.labels.clone()) {
-        None => None,
-        Some(name) => match zip::find(bytes, &name).map_err(DequantizeError::EmbeddedLabels)? {
-            Some(bytes) => Some(EmbeddedFile { name, bytes }),
-            None => {
-                return Err(DequantizeError::EmbeddedLabels(format!(
-                    "the metadata names {name}, but no zip follows the model"
-                )));
-            }
-        },
-    };
+    let labels = embedded_labels(&graph, bytes)?;
     let (rebuilt, grids) = graph.rebuild(grids)?;
     let stages = rebuilt.into_stages(stages);
     Ok(FloatModel { stages, normalization, probabilities, labels, grids })
+}
+
+/// A quantized TFLite model planned to run in 8-bit integers.
+#[derive(Debug)]
+pub(crate) struct IntegerModel {
+    pub network: Network,
+    pub normalization: Normalization,
+    pub probabilities: bool,
+    pub labels: Option<EmbeddedFile>,
+}
+
+/// `bytes`, a TFLite model, planned as an integer network with pixels
+/// normalized as `given` or as the model says; `Ok(Err(why))` where the
+/// graph has something the integer steps lack (the float rebuild takes it).
+pub(crate) fn integer(bytes: &[u8], given: Option<MeanStd>) -> Result<std::result::Result<IntegerModel, String>> {
+    let graph = Graph::from_bytes(bytes)?;
+    let normalization = graph.input_normalization(given)?;
+    let network = match graph.integer(normalization) {
+        Ok(network) => network,
+        Err(DequantizeError::Unsupported(why)) => return Ok(Err(why)),
+        Err(e) => return Err(e),
+    };
+    let probabilities = graph.output_is_probability();
+    let labels = embedded_labels(&graph, bytes)?;
+    Ok(Ok(IntegerModel { network, normalization, probabilities, labels }))
+}
+
+/// The label file the model's metadata names, from the zip appended to it.
+fn embedded_labels(graph: &Graph, bytes: &[u8]) -> Result<Option<EmbeddedFile>> {
+    let Some(name) = graph.metadata.as_ref().and_then(|m| m.labels.clone()) else { return Ok(None) };
+    match zip::find(bytes, &name).map_err(DequantizeError::EmbeddedLabels)? {
+        Some(bytes) => Ok(Some(EmbeddedFile { name, bytes })),
+        None => {
+            Err(DequantizeError::EmbeddedLabels(format!("the metadata names {name}, but no zip follows the model")))
+        }
+    }
 }
 
 /// The bytes of the small mock model the tests use.

@@ -1,0 +1,623 @@
+//! A quantized network run in 8-bit integers, as the runtime its authors
+//! calibrated it for runs it: every activation is a byte on its tensor's
+//! grid, every product an integer, and each op's int32 sums are brought back
+//! to bytes by one float multiplication rounded to nearest even (XNNPACK's
+//! "fp32 requantization", which LiteRT runs such models with).
+//!
+//! Bytes are a quarter of float32's memory traffic, and the products run on
+//! the CPU's 8-bit dot-product instructions where it has them
+//! (`kernels::integer`). `tflite::integer` plans a network from a file; a
+//! graph with anything this module lacks is left to the float rebuild.
+//!
+//! int8 tensors are held as bytes too, shifted up by 128 with their zero
+//! point: every kernel then reads unsigned activations, and an int8 model's
+//! QUANTIZE from its uint8 input is a relabelling, not a pass.
+
+use super::kernels::integer::{Depthwise, Gemm};
+
+/// Where an activation is kept, and how its bytes read as real values:
+/// `real = (byte - zero) * scale`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Activation {
+    pub slot: usize,
+    pub scale: f32,
+    pub zero: i32,
+}
+
+/// The im2col copy of a convolution's input: for each output pixel, the
+/// input pixels under its kernel, channels last, taps outside the image at
+/// the zero point, so that a convolution becomes one matrix product.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Im2col {
+    pub input: (usize, usize),
+    pub channels: usize,
+    pub output: (usize, usize),
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub pad: (usize, usize),
+    pub zero: u8,
+}
+
+impl Im2col {
+    /// The bytes of one output pixel's row.
+    pub fn depth(&self) -> usize {
+        self.kernel.0 * self.kernel.1 * self.channels
+    }
+
+    fn run(&self, input: &[u8], out: &mut [u8]) {
+        let c = self.channels;
+        let mut rows = out.chunks_exact_mut(self.depth());
+        for oy in 0..self.output.0 {
+            for ox in 0..self.output.1 {
+                let Some(row) = rows.next() else { return };
+                let mut taps = row.chunks_exact_mut(c);
+                for ky in 0..self.kernel.0 {
+                    let iy = (oy * self.stride.0 + ky).checked_sub(self.pad.0).filter(|&y| y < self.input.0);
+                    for kx in 0..self.kernel.1 {
+                        let Some(tap) = taps.next() else { return };
+                        let ix = (ox * self.stride.1 + kx).checked_sub(self.pad.1).filter(|&x| x < self.input.1);
+                        match iy.zip(ix) {
+                            Some((iy, ix)) => {
+                                let at = (iy * self.input.1 + ix) * c;
+                                tap.copy_from_slice(&input[at..at + c]);
+                            }
+                            None => tap.fill(self.zero),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An average over windows of each channel, as AVERAGE_POOL_2D and MEAN
+/// compute it: only the taps inside the image count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pool {
+    pub input: (usize, usize),
+    pub channels: usize,
+    pub output: (usize, usize),
+    pub window: (usize, usize),
+    pub stride: (usize, usize),
+    pub pad: (usize, usize),
+}
+
+/// How a step's real results become output bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub zero: i32,
+    pub low: u8,
+    pub high: u8,
+}
+
+impl Bounds {
+    /// `scaled`, a real value over the output's scale, as the output byte:
+    /// rounded half to even, shifted by the zero point, clamped.
+    #[inline(always)]
+    fn byte(&self, scaled: f32) -> u8 {
+        // Adding 1.5 * 2^23 leaves no bits below the units, so the addition
+        // rounds half to even as the CPU's default mode does, in plain SSE2
+        // arithmetic: `round_ties_even` is a libm call per value there. The
+        // clamp first keeps the value well inside the trick's range, and is
+        // exact, its bounds being integers; a NaN clamps to NaN, which
+        // converts to 0.
+        const MAGIC: f32 = 12_582_912.0;
+        let low = (self.low as i32 - self.zero) as f32;
+        let high = (self.high as i32 - self.zero) as f32;
+        let clamped = if scaled < low {
+            low
+        } else if scaled > high {
+            high
+        } else {
+            scaled
+        };
+        (((clamped + MAGIC) - MAGIC) as i32 + self.zero) as u8
+    }
+}
+
+/// XNNPACK's addition of two quantized activations (its `qu8`/`qs8` vadd):
+/// each byte times an integer multiplier of at most 21 bits, summed with a
+/// bias that carries the zero points and the rounding, and shifted back, so
+/// that a sum is rounded half up, as the runtime rounds it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Addition {
+    a_multiplier: i32,
+    b_multiplier: i32,
+    bias: i32,
+    shift: u32,
+}
+
+impl Addition {
+    /// The sum of `a` and `b` on the grid of scale `output_scale`, or None
+    /// where the ratios of the scales are out of the range XNNPACK takes
+    /// (2^-10 to 2^8).
+    pub fn new(a: Activation, b: Activation, output_scale: f32) -> Option<Addition> {
+        let (a_ratio, b_ratio) = (a.scale / output_scale, b.scale / output_scale);
+        let range = 2f32.powi(-10)..2f32.powi(8);
+        if !(range.contains(&a_ratio) && range.contains(&b_ratio)) {
+            return None;
+        }
+        let exponent = (a_ratio.max(b_ratio).to_bits() >> 23) as i32 - 127;
+        // In [12, 30]: the larger multiplier has 21 bits.
+        let shift = (20 - exponent) as u32;
+        // Exact: a power of two only moves the exponent.
+        let multiplier = |ratio: f32| (ratio * 2f32.powi(shift as i32)).round_ties_even() as i32;
+        let (a_multiplier, b_multiplier) = (multiplier(a_ratio), multiplier(b_ratio));
+        let bias = (1 << (shift - 1)) - a_multiplier * a.zero - b_multiplier * b.zero;
+        Some(Addition { a_multiplier, b_multiplier, bias, shift })
+    }
+
+    /// The output byte of `x + y`. No sum overflows: the multipliers are at
+    /// most 2^21 and the bytes and zero points at most 255.
+    #[inline(always)]
+    fn byte(&self, x: u8, y: u8, bounds: &Bounds) -> u8 {
+        let sum = self.bias + x as i32 * self.a_multiplier + y as i32 * self.b_multiplier;
+        ((sum >> self.shift) + bounds.zero).clamp(bounds.low as i32, bounds.high as i32) as u8
+    }
+}
+
+/// One operation of the network, reading and writing activation slots.
+#[derive(Debug)]
+pub enum Step {
+    /// A 1x1 convolution or a fully connected layer: `pixels` rows.
+    Product {
+        input: usize,
+        output: usize,
+        pixels: usize,
+        gemm: Gemm,
+    },
+    /// Any other dense convolution, through an im2col copy.
+    Convolution {
+        input: usize,
+        output: usize,
+        im2col: Im2col,
+        gemm: Gemm,
+    },
+    Depthwise {
+        input: usize,
+        output: usize,
+        conv: Depthwise,
+    },
+    /// The sum of two activations of one shape.
+    Add {
+        a: usize,
+        b: usize,
+        output: usize,
+        sum: Addition,
+        bounds: Bounds,
+    },
+    Pool {
+        input: Activation,
+        output: usize,
+        pool: Pool,
+        output_scale: f32,
+        bounds: Bounds,
+    },
+    /// Softmax over the last axis of `rows` rows, `beta` times the input's scale.
+    Softmax {
+        input: usize,
+        output: usize,
+        rows: usize,
+        exponent: f32,
+        scale: f32,
+        bounds: Bounds,
+    },
+    /// The same real values on another grid.
+    Requantize {
+        input: Activation,
+        output: usize,
+        scale: f32,
+        bounds: Bounds,
+    },
+}
+
+impl Step {
+    /// The slots the step reads, and the one it writes.
+    fn slots(&self) -> (Vec<usize>, usize) {
+        match self {
+            Step::Product { input, output, .. }
+            | Step::Convolution { input, output, .. }
+            | Step::Depthwise { input, output, .. }
+            | Step::Softmax { input, output, .. } => (vec![*input], *output),
+            Step::Pool { input, output, .. } | Step::Requantize { input, output, .. } => (vec![input.slot], *output),
+            Step::Add { a, b, output, .. } => (vec![*a, *b], *output),
+        }
+    }
+}
+
+/// A planned integer network: its steps over slots, one a tensor, and the
+/// buffers that hold the slots.
+#[derive(Debug)]
+pub struct Network {
+    pub steps: Vec<Step>,
+    /// Where the image goes, one byte per value of `[1, H, W, 3]`, and the
+    /// byte each pixel value of each of the image's channels (R, G, B)
+    /// becomes, normalized as that channel is.
+    pub input: usize,
+    pub pixel_bytes: Box<[[u8; 256]; 3]>,
+    /// The image's height and width.
+    pub size: (usize, usize),
+    pub output: Activation,
+    pub output_shape: Vec<usize>,
+    /// The largest im2col copy, kept by each session.
+    pub scratch: usize,
+    layout: Layout,
+}
+
+/// Which buffer holds each slot. A slot's buffer is free again once its
+/// last reader has run, so a network of sixty tensors needs a handful of
+/// buffers, which stay in the CPU's caches from one step to the next.
+#[derive(Debug, Clone, PartialEq)]
+struct Layout {
+    /// The bytes of each slot.
+    sizes: Vec<usize>,
+    /// The buffer of each slot.
+    buffer: Vec<usize>,
+    /// The bytes of each buffer.
+    buffers: Vec<usize>,
+}
+
+impl Layout {
+    /// Buffers for `sizes.len()` slots written and read by `steps` in
+    /// order, `input` written before the first and `output` read after the
+    /// last. A step's output never shares a buffer with its inputs, nor
+    /// with any slot still to be read.
+    fn new(steps: &[Step], sizes: Vec<usize>, input: usize, output: usize) -> Layout {
+        let slots = sizes.len();
+        let mut last_read = vec![None; slots];
+        for (k, step) in steps.iter().enumerate() {
+            for read in step.slots().0 {
+                last_read[read] = Some(k);
+            }
+        }
+        last_read[output] = Some(usize::MAX);
+        let mut buffer = vec![usize::MAX; slots];
+        let mut buffers: Vec<usize> = vec![];
+        let mut free: Vec<usize> = vec![];
+        let take = |slot: usize, buffer: &mut Vec<usize>, buffers: &mut Vec<usize>, free: &mut Vec<usize>| {
+            // The smallest free buffer that holds it, else the largest grown.
+            let fits =
+                free.iter().enumerate().filter(|(_, b)| buffers[**b] >= sizes[slot]).min_by_key(|(_, b)| buffers[**b]);
+            let pick = fits.map(|(k, _)| k).or_else(|| (0..free.len()).max_by_key(|&k| buffers[free[k]]));
+            let chosen = match pick {
+                Some(k) => free.swap_remove(k),
+                None => {
+                    buffers.push(0);
+                    buffers.len() - 1
+                }
+            };
+            buffers[chosen] = buffers[chosen].max(sizes[slot]);
+            buffer[slot] = chosen;
+        };
+        take(input, &mut buffer, &mut buffers, &mut free);
+        // A slot read but never written (a malformed graph) keeps a buffer of its own.
+        let written: Vec<usize> = steps.iter().map(|step| step.slots().1).collect();
+        for slot in 0..slots {
+            if slot != input && !written.contains(&slot) {
+                take(slot, &mut buffer, &mut buffers, &mut free);
+            }
+        }
+        for (k, step) in steps.iter().enumerate() {
+            let (reads, write) = step.slots();
+            if buffer[write] == usize::MAX {
+                take(write, &mut buffer, &mut buffers, &mut free);
+            }
+            for read in reads.into_iter().chain([write]) {
+                if last_read[read].is_none_or(|last| last <= k) && !free.contains(&buffer[read]) {
+                    free.push(buffer[read]);
+                }
+            }
+        }
+        Layout { sizes, buffer, buffers }
+    }
+}
+
+impl Network {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        steps: Vec<Step>,
+        sizes: Vec<usize>,
+        input: usize,
+        pixel_bytes: Box<[[u8; 256]; 3]>,
+        size: (usize, usize),
+        output: Activation,
+        output_shape: Vec<usize>,
+        scratch: usize,
+    ) -> Network {
+        let layout = Layout::new(&steps, sizes, input, output.slot);
+        Network { steps, input, pixel_bytes, size, output, output_shape, scratch, layout }
+    }
+
+    /// The bytes a session holds.
+    pub fn session_bytes(&self) -> usize {
+        self.layout.buffers.iter().sum::<usize>() + self.scratch
+    }
+
+    pub fn session(&self) -> Session {
+        let buffers = self.layout.buffers.iter().map(|&size| vec![0; size]).collect();
+        Session { buffers, scratch: vec![0; self.scratch] }
+    }
+
+    /// Scores of one image of 8-bit RGB pixels, `[H, W, 3]` row by row,
+    /// the model's channel `c` reading the image's channel `order[c]`.
+    pub fn classify(&self, session: &mut Session, image: &[u8], order: [usize; 3]) -> Vec<f32> {
+        let mut slots = Slots { buffers: &mut session.buffers, layout: &self.layout };
+        for (value, pixel) in slots.write(self.input).chunks_exact_mut(3).zip(image.chunks_exact(3)) {
+            for (value, &c) in value.iter_mut().zip(&order) {
+                *value = self.pixel_bytes[c][pixel[c] as usize];
+            }
+        }
+        for step in &self.steps {
+            run(step, &mut slots, &mut session.scratch);
+        }
+        let Activation { slot, scale, zero } = self.output;
+        slots.read(slot).iter().map(|&q| (q as i32 - zero) as f32 * scale).collect()
+    }
+}
+
+/// One worker's buffers for a [`Network`].
+#[derive(Debug)]
+pub struct Session {
+    buffers: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+}
+
+/// A session's buffers seen as the network's slots.
+struct Slots<'a> {
+    buffers: &'a mut [Vec<u8>],
+    layout: &'a Layout,
+}
+
+impl Slots<'_> {
+    fn read(&self, slot: usize) -> &[u8] {
+        &self.buffers[self.layout.buffer[slot]][..self.layout.sizes[slot]]
+    }
+
+    fn write(&mut self, slot: usize) -> &mut [u8] {
+        &mut self.buffers[self.layout.buffer[slot]][..self.layout.sizes[slot]]
+    }
+
+    /// Slot `read` to read and slot `write` to write, in different buffers.
+    fn pair(&mut self, read: usize, write: usize) -> (&[u8], &mut [u8]) {
+        let (r, w) = (self.layout.buffer[read], self.layout.buffer[write]);
+        let (read_len, write_len) = (self.layout.sizes[read], self.layout.sizes[write]);
+        assert_ne!(r, w, "a step reads the buffer it writes");
+        let (input, output) = if r < w {
+            let (low, high) = self.buffers.split_at_mut(w);
+            (&low[r], &mut high[0])
+        } else {
+            let (low, high) = self.buffers.split_at_mut(r);
+            (&high[0], &mut low[w])
+        };
+        (&input[..read_len], &mut output[..write_len])
+    }
+}
+
+fn run(step: &Step, slots: &mut Slots, scratch: &mut [u8]) {
+    match step {
+        Step::Product { input, output, pixels, gemm } => {
+            let (input, output) = slots.pair(*input, *output);
+            gemm.run(input, *pixels, output);
+        }
+        Step::Convolution { input, output, im2col, gemm } => {
+            let pixels = im2col.output.0 * im2col.output.1;
+            let rows = &mut scratch[..pixels * im2col.depth()];
+            im2col.run(slots.read(*input), rows);
+            gemm.run(rows, pixels, slots.write(*output));
+        }
+        Step::Depthwise { input, output, conv } => {
+            let (input, output) = slots.pair(*input, *output);
+            conv.run(input, output);
+        }
+        Step::Add { a, b, output, sum, bounds } => {
+            // The output's buffer is taken out for the step: it is neither input's.
+            let buffer = slots.layout.buffer[*output];
+            let mut out = std::mem::take(&mut slots.buffers[buffer]);
+            let (x, y) = (slots.read(*a), slots.read(*b));
+            assert_eq!((x.len(), y.len()), (slots.layout.sizes[*output], slots.layout.sizes[*output]));
+            for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                *o = sum.byte(x, y, bounds);
+            }
+            slots.buffers[buffer] = out;
+        }
+        Step::Pool { input: from, output, pool, output_scale, bounds } => {
+            let (input, output) = slots.pair(from.slot, *output);
+            average(pool, input, output, (from.zero, from.scale, *output_scale), bounds);
+        }
+        Step::Softmax { input, output, rows, exponent, scale, bounds } => {
+            let (input, output) = slots.pair(*input, *output);
+            let width = input.len() / rows.max(&1);
+            let mut e = vec![0f32; width];
+            for (row, out) in input.chunks_exact(width).zip(output.chunks_exact_mut(width)) {
+                let max = row.iter().copied().max().unwrap_or(0);
+                let mut sum = 0f32;
+                for (e, &q) in e.iter_mut().zip(row) {
+                    *e = ((q as i32 - max as i32) as f32 * exponent).exp();
+                    sum += *e;
+                }
+                let over = scale / sum;
+                for (o, &e) in out.iter_mut().zip(&e) {
+                    *o = bounds.byte(e * over);
+                }
+            }
+        }
+        Step::Requantize { input, output, scale, bounds } => {
+            let zero = input.zero;
+            let (input, output) = slots.pair(input.slot, *output);
+            for (o, &q) in output.iter_mut().zip(input) {
+                *o = bounds.byte((q as i32 - zero) as f32 * scale);
+            }
+        }
+    }
+}
+
+/// Each output value: the sum of the taps inside the image less the input's
+/// zero point, times its scale over the output's and over their count, in
+/// that order (XNNPACK's average pooling, to the bit).
+fn average(pool: &Pool, input: &[u8], output: &mut [u8], (zero, from, to): (i32, f32, f32), bounds: &Bounds) {
+    let c = pool.channels;
+    let mut sums = vec![0i32; c];
+    let mut outs = output.chunks_exact_mut(c);
+    for oy in 0..pool.output.0 {
+        for ox in 0..pool.output.1 {
+            let Some(out) = outs.next() else { return };
+            sums.fill(0);
+            let mut count = 0;
+            let rows = window(oy, pool.stride.0, pool.pad.0, pool.window.0, pool.input.0);
+            let columns = window(ox, pool.stride.1, pool.pad.1, pool.window.1, pool.input.1);
+            for iy in rows {
+                for ix in columns.clone() {
+                    let at = (iy * pool.input.1 + ix) * c;
+                    for (sum, &q) in sums.iter_mut().zip(&input[at..at + c]) {
+                        *sum += q as i32;
+                    }
+                    count += 1;
+                }
+            }
+            let per_tap = from / (to * count.max(1) as f32);
+            for (o, &sum) in out.iter_mut().zip(&sums) {
+                *o = bounds.byte((sum - count * zero) as f32 * per_tap);
+            }
+        }
+    }
+}
+
+/// The input positions of window `o` along one axis that are inside it.
+fn window(o: usize, stride: usize, pad: usize, size: usize, input: usize) -> std::ops::Range<usize> {
+    let start = o * stride;
+    start.saturating_sub(pad).min(input)..(start + size).saturating_sub(pad).min(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(input: usize, output: usize) -> Step {
+        let bounds = Bounds { zero: 0, low: 0, high: 255 };
+        Step::Requantize { input: Activation { slot: input, scale: 1.0, zero: 0 }, output, scale: 1.0, bounds }
+    }
+
+    fn add(a: usize, b: usize, output: usize) -> Step {
+        let one = Activation { slot: 0, scale: 1.0, zero: 0 };
+        let sum = Addition::new(one, one, 1.0).unwrap();
+        Step::Add { a, b, output, sum, bounds: Bounds { zero: 0, low: 0, high: 255 } }
+    }
+
+    #[test]
+    fn sums_round_half_up_as_xnnpack_does() {
+        let grid = |scale, zero| Activation { slot: 0, scale, zero };
+        let bounds = Bounds { zero: 10, low: 0, high: 255 };
+        // Halves of the output's steps: 3 + 2 = 5 halves, 2.5 rounds up to 3.
+        let sum = Addition::new(grid(0.5, 0), grid(0.5, 0), 1.0).unwrap();
+        assert_eq!(sum.byte(3, 2, &bounds), 13);
+        assert_eq!(sum.byte(3, 0, &bounds), 12);
+        // Zero points, and a negative half rounding up: -1.5 to -1.
+        let sum = Addition::new(grid(0.5, 100), grid(0.5, 100), 1.0).unwrap();
+        assert_eq!(sum.byte(98, 99, &bounds), 9);
+        assert_eq!(sum.byte(255, 255, &bounds), 165);
+        // Scales whose ratio XNNPACK refuses.
+        assert!(Addition::new(grid(1.0, 0), grid(1e-4, 0), 1.0).is_none());
+        assert!(Addition::new(grid(300.0, 0), grid(1.0, 0), 1.0).is_none());
+    }
+
+    /// Runs `steps` over `layout` on paper: each slot a step reads must
+    /// still be in its buffer, every buffer must hold the slots put in it.
+    fn check(steps: &[Step], layout: &Layout, input: usize, output: usize) {
+        let mut holds: Vec<Option<usize>> = vec![None; layout.buffers.len()];
+        let written: Vec<usize> = steps.iter().map(|step| step.slots().1).collect();
+        for slot in (0..layout.sizes.len()).filter(|slot| slot == &input || !written.contains(slot)) {
+            assert_eq!(holds[layout.buffer[slot]], None, "slots {slot} and another start in one buffer");
+            holds[layout.buffer[slot]] = Some(slot);
+        }
+        for (k, step) in steps.iter().enumerate() {
+            let (reads, write) = step.slots();
+            for &read in &reads {
+                assert_eq!(holds[layout.buffer[read]], Some(read), "step {k} reads slot {read}, overwritten");
+                assert_ne!(layout.buffer[read], layout.buffer[write], "step {k} writes a buffer it reads");
+            }
+            assert!(layout.buffers[layout.buffer[write]] >= layout.sizes[write]);
+            holds[layout.buffer[write]] = Some(write);
+        }
+        assert_eq!(holds[layout.buffer[output]], Some(output));
+    }
+
+    #[test]
+    fn buffers_are_shared_once_their_slots_are_read() {
+        // A chain: two buffers, each as large as the largest slot it holds.
+        let steps = [copy(0, 1), copy(1, 2), copy(2, 3), copy(3, 4)];
+        let layout = Layout::new(&steps, vec![10, 20, 30, 5, 7], 0, 4);
+        check(&steps, &layout, 0, 4);
+        assert_eq!(layout.buffers.len(), 2);
+        assert_eq!(layout.buffers.iter().sum::<usize>(), 50);
+        // A residual block: slot 1 stays until the sum reads it.
+        let steps = [copy(0, 1), copy(1, 2), copy(2, 3), add(1, 3, 4), copy(4, 5)];
+        let layout = Layout::new(&steps, vec![8; 6], 0, 5);
+        check(&steps, &layout, 0, 5);
+        assert_eq!(layout.buffers.len(), 3);
+        // The input is read late, and a slot nobody writes keeps its own.
+        let steps = [copy(0, 1), copy(1, 2), add(0, 2, 3), add(3, 6, 4), copy(4, 5)];
+        let layout = Layout::new(&steps, vec![4, 5, 6, 7, 8, 9, 10], 0, 5);
+        check(&steps, &layout, 0, 5);
+    }
+
+    #[test]
+    fn buffers_hold_every_live_slot_in_networks_of_skips() {
+        // Chains with sums reaching back up to four steps, in every pattern
+        // a small counter gives.
+        for pattern in 0u32..2000 {
+            let mut steps = vec![copy(0, 1)];
+            for k in 2..12 {
+                let back = ((pattern >> (k % 8)) % 5) as usize;
+                match back {
+                    0 | 1 => steps.push(copy(k - 1, k)),
+                    back => steps.push(add(k - 1, k.saturating_sub(back), k)),
+                }
+            }
+            let sizes = (0..12).map(|k| 1 + (pattern as usize * 7 + k * 13) % 17).collect();
+            let layout = Layout::new(&steps, sizes, 0, 11);
+            check(&steps, &layout, 0, 11);
+        }
+    }
+
+    #[test]
+    fn a_window_keeps_to_the_image() {
+        assert_eq!(window(0, 2, 1, 3, 5), 0..2);
+        assert_eq!(window(1, 2, 1, 3, 5), 1..4);
+        assert_eq!(window(2, 2, 1, 3, 5), 3..5);
+        assert_eq!(window(0, 1, 0, 7, 7), 0..7);
+        assert_eq!(window(9, 1, 0, 3, 5), 5..5);
+    }
+
+    #[test]
+    fn im2col_puts_the_zero_point_outside_the_image() {
+        // A 2x2 image of one channel, a 3x3 kernel, SAME padding.
+        let im2col =
+            Im2col { input: (2, 2), channels: 1, output: (2, 2), kernel: (3, 3), stride: (1, 1), pad: (1, 1), zero: 9 };
+        let mut out = vec![0; 4 * 9];
+        im2col.run(&[1, 2, 3, 4], &mut out);
+        assert_eq!(&out[..9], &[9, 9, 9, 9, 1, 2, 9, 3, 4]);
+        assert_eq!(&out[27..], &[1, 2, 9, 3, 4, 9, 9, 9, 9]);
+    }
+
+    #[test]
+    fn average_pooling_counts_only_the_taps_inside() {
+        let pool = Pool { input: (2, 2), channels: 1, output: (2, 2), window: (2, 2), stride: (1, 1), pad: (0, 0) };
+        let bounds = Bounds { zero: 0, low: 0, high: 255 };
+        let mut out = [0; 4];
+        average(&pool, &[10, 20, 30, 41], &mut out, (0, 1.0, 1.0), &bounds);
+        // (10+20+30+41)/4 = 25.25; the last column and row average fewer
+        // taps: (20+41)/2 = 30.5 rounds to even, (30+41)/2 = 35.5 too.
+        assert_eq!(out, [25, 30, 36, 41]);
+        // Zero points: input 10 reads as 0, the output's zero is 100.
+        let bounds = Bounds { zero: 100, low: 0, high: 255 };
+        average(&pool, &[10, 10, 10, 10], &mut out, (10, 1.0, 1.0), &bounds);
+        assert_eq!(out, [100; 4]);
+    }
+
+    #[test]
+    fn bytes_round_to_nearest_even_and_clamp() {
+        let bounds = Bounds { zero: 10, low: 5, high: 20 };
+        let bytes = [0.5, 1.5, 2.5, -0.5, -1.5, 4.5, 100.0, -100.0, f32::NAN, f32::INFINITY].map(|x| bounds.byte(x));
+        assert_eq!(bytes, [10, 12, 12, 10, 8, 14, 20, 5, 10, 20]);
+    }
+}
