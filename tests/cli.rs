@@ -151,6 +151,53 @@ async fn arithmetic_float_turns_the_rounding_off() {
 }
 
 #[tokio::test]
+async fn arithmetic_rounded_rounds_in_float_as_quantized_does_in_integers() {
+    let server = server().await;
+    serve(&server, "/red.png", png(RED)).await;
+    let red = format!("{}/red.png", server.uri());
+    let (code, integers, stderr) = classify(&server, &[red.as_str()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, rounded, stderr) = classify(&server, &["--arithmetic", "rounded", red.as_str()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let scores = |records: &[Value]| -> Vec<f64> {
+        records[0]["predictions"].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).collect()
+    };
+    assert_eq!(top1(&integers[0]).0, top1(&rounded[0]).0);
+    for (a, b) in scores(&integers).iter().zip(scores(&rounded)) {
+        assert!((a - b).abs() <= 2.0 / 256.0 + 1e-6, "{integers:?} vs {rounded:?}");
+        assert!((b * 256.0 - (b * 256.0).round()).abs() < 1e-3, "{rounded:?} off the 1/256 steps");
+    }
+}
+
+#[tokio::test]
+async fn decode_fast_reduces_jpegs_and_exact_is_the_default() {
+    let server = server().await;
+    // A gradient: decoded at an eighth of its size, it low-passes otherwise.
+    let gradient = RgbImage::from_fn(96, 64, |x, y| Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8]));
+    serve(&server, "/gradient.jpg", encode(&DynamicImage::ImageRgb8(gradient), ImageFormat::Jpeg)).await;
+    let jpeg = format!("{}/gradient.jpg", server.uri());
+    // In float, so that any difference in the pixels shows in the scores.
+    let float = ["--arithmetic", "float"];
+    let run = |extra: &'static [&'static str]| {
+        let args: Vec<&str> = float.iter().chain(extra).copied().chain([jpeg.as_str()]).collect();
+        let server = &server;
+        async move { classify(server, &args).await }
+    };
+    let (code, default, stderr) = run(&[]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, exact, _) = run(&["--decode", "exact"]).await;
+    assert_eq!(code, 0);
+    let (code, fast, stderr) = run(&["--decode", "fast"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(default, exact);
+    assert!(fast[0]["predictions"].is_array(), "{fast:?}");
+    assert_ne!(fast, exact, "a reduced decode gave the whole decode's scores");
+    let (code, _, stderr) = run(&["--decode", "quick"]).await;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--decode"), "{stderr}");
+}
+
+#[tokio::test]
 async fn text_output_and_top_k() {
     let server = server().await;
     serve(&server, "/red.png", png(RED)).await;
