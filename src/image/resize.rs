@@ -69,8 +69,11 @@ impl Taps {
             let end = ((center + support + 0.5) as i64).clamp(0, input as i64) as usize;
             let count = end.saturating_sub(start).min(size);
             let mut total = 0.0;
+            // Pillow multiplies by the inverse, which can differ from a
+            // division in the last bit.
+            let inverse = 1.0 / filterscale;
             for (x, w) in real[..count].iter_mut().enumerate() {
-                let distance = ((x + start) as f64 - center + 0.5) / filterscale;
+                let distance = ((x + start) as f64 - center + 0.5) * inverse;
                 *w = (1.0 - distance.abs()).max(0.0);
                 total += *w;
             }

@@ -1,8 +1,10 @@
 //! A quantized network run in 8-bit integers, as the runtime its authors
 //! calibrated it for runs it: every activation is a byte on its tensor's
-//! grid, every product an integer, and each op's int32 sums are brought back
-//! to bytes by one float multiplication rounded to nearest even (XNNPACK's
-//! "fp32 requantization", which LiteRT runs such models with).
+//! grid, every product an integer, and each op's sums come back to bytes as
+//! LiteRT brings them, to the bit: XNNPACK's "fp32 requantization" (one
+//! float multiplication rounded half to even) for convolutions and MEAN,
+//! its fixed-point adder for sums, TFLite's own kernels for the average
+//! pool and the softmax, which XNNPACK does not take quantized.
 //!
 //! Bytes are a quarter of float32's memory traffic, and the products run on
 //! the CPU's 8-bit dot-product instructions where it has them
@@ -190,16 +192,20 @@ pub enum Step {
         input: Activation,
         output: usize,
         pool: Pool,
-        output_scale: f32,
+        rounding: Averaging,
         bounds: Bounds,
     },
-    /// Softmax over the last axis of `rows` rows, `beta` times the input's scale.
+    /// Softmax over rows of `width` values, as TFLite's own kernel computes
+    /// it (XNNPACK takes no quantized softmax): `exponent` is beta times the
+    /// input's scale; an unsigned output rounds half up, a signed one half
+    /// away from zero.
     Softmax {
         input: usize,
         output: usize,
-        rows: usize,
+        width: usize,
         exponent: f32,
-        scale: f32,
+        output_scale: f32,
+        unsigned: bool,
         bounds: Bounds,
     },
     /// The same real values on another grid.
@@ -420,24 +426,26 @@ fn run(step: &Step, slots: &mut Slots, scratch: &mut [u8]) {
             }
             slots.buffers[buffer] = out;
         }
-        Step::Pool { input: from, output, pool, output_scale, bounds } => {
+        Step::Pool { input: from, output, pool, rounding, bounds } => {
+            let zero = from.zero;
             let (input, output) = slots.pair(from.slot, *output);
-            average(pool, input, output, (from.zero, from.scale, *output_scale), bounds);
+            average(pool, input, output, zero, *rounding, bounds);
         }
-        Step::Softmax { input, output, rows, exponent, scale, bounds } => {
+        Step::Softmax { input, output, width, exponent, output_scale, unsigned, bounds } => {
             let (input, output) = slots.pair(*input, *output);
-            let width = input.len() / rows.max(&1);
-            let mut e = vec![0f32; width];
-            for (row, out) in input.chunks_exact(width).zip(output.chunks_exact_mut(width)) {
+            let mut e = vec![0f32; *width];
+            for (row, out) in input.chunks_exact(*width).zip(output.chunks_exact_mut(*width)) {
                 let max = row.iter().copied().max().unwrap_or(0);
                 let mut sum = 0f32;
                 for (e, &q) in e.iter_mut().zip(row) {
                     *e = ((q as i32 - max as i32) as f32 * exponent).exp();
                     sum += *e;
                 }
-                let over = scale / sum;
+                let inverse = 1.0 / (sum * output_scale);
                 for (o, &e) in out.iter_mut().zip(&e) {
-                    *o = bounds.byte(e * over);
+                    let p = e * inverse;
+                    let q = if *unsigned { (p + 0.5) as i32 } else { p.round() as i32 };
+                    *o = (q + bounds.zero).clamp(bounds.low as i32, bounds.high as i32) as u8;
                 }
             }
         }
@@ -451,12 +459,26 @@ fn run(step: &Step, slots: &mut Slots, scratch: &mut [u8]) {
     }
 }
 
-/// Each output value: the sum of the taps inside the image less the input's
-/// zero point, times its scale over the output's and over their count, in
-/// that order (XNNPACK's average pooling, to the bit).
-fn average(pool: &Pool, input: &[u8], output: &mut [u8], (zero, from, to): (i32, f32, f32), bounds: &Bounds) {
+/// How an average is rounded to a byte.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Averaging {
+    /// As XNNPACK's MEAN: the sum less the zero points, times the input's
+    /// scale over the output's and over the count, in that order, rounded
+    /// half to even.
+    Scaled { from: f32, to: f32 },
+    /// As TFLite's own AVERAGE_POOL_2D (XNNPACK takes no quantized one),
+    /// the output on the input's grid: the sum of the values as stored
+    /// (`signed`: int8, held shifted by 128) divided by the count, rounded
+    /// half away from zero.
+    Divided { signed: bool },
+}
+
+/// Each output value: the average of the taps inside the image, rounded as
+/// `rounding` says; `zero` is the input's zero point.
+fn average(pool: &Pool, input: &[u8], output: &mut [u8], zero: i32, rounding: Averaging, bounds: &Bounds) {
     let c = pool.channels;
-    let mut sums = vec![0i32; c];
+    // In i64: a window of more than 2^23 bytes would overflow i32.
+    let mut sums = vec![0i64; c];
     let mut outs = output.chunks_exact_mut(c);
     for oy in 0..pool.output.0 {
         for ox in 0..pool.output.1 {
@@ -469,14 +491,29 @@ fn average(pool: &Pool, input: &[u8], output: &mut [u8], (zero, from, to): (i32,
                 for ix in columns.clone() {
                     let at = (iy * pool.input.1 + ix) * c;
                     for (sum, &q) in sums.iter_mut().zip(&input[at..at + c]) {
-                        *sum += q as i32;
+                        *sum += i64::from(q);
                     }
-                    count += 1;
+                    count += 1i64;
                 }
             }
-            let per_tap = from / (to * count.max(1) as f32);
-            for (o, &sum) in out.iter_mut().zip(&sums) {
-                *o = bounds.byte((sum - count * zero) as f32 * per_tap);
+            let count = count.max(1);
+            match rounding {
+                Averaging::Scaled { from, to } => {
+                    let per_tap = from / (to * count as f32);
+                    for (o, &sum) in out.iter_mut().zip(&sums) {
+                        *o = bounds.byte((sum - count * i64::from(zero)) as f32 * per_tap);
+                    }
+                }
+                Averaging::Divided { signed } => {
+                    let shift = if signed { 128 } else { 0 };
+                    for (o, &sum) in out.iter_mut().zip(&sums) {
+                        // C's division truncates toward zero, as Rust's does.
+                        let stored = sum - count * shift;
+                        let half = if stored > 0 { count / 2 } else { -(count / 2) };
+                        let average = (stored + half) / count + shift;
+                        *o = average.clamp(i64::from(bounds.low), i64::from(bounds.high)) as u8;
+                    }
+                }
             }
         }
     }
@@ -604,13 +641,21 @@ mod tests {
         let pool = Pool { input: (2, 2), channels: 1, output: (2, 2), window: (2, 2), stride: (1, 1), pad: (0, 0) };
         let bounds = Bounds { zero: 0, low: 0, high: 255 };
         let mut out = [0; 4];
-        average(&pool, &[10, 20, 30, 41], &mut out, (0, 1.0, 1.0), &bounds);
+        let scaled = Averaging::Scaled { from: 1.0, to: 1.0 };
+        average(&pool, &[10, 20, 30, 41], &mut out, 0, scaled, &bounds);
         // (10+20+30+41)/4 = 25.25; the last column and row average fewer
         // taps: (20+41)/2 = 30.5 rounds to even, (30+41)/2 = 35.5 too.
         assert_eq!(out, [25, 30, 36, 41]);
+        // TFLite's own kernel rounds half up, and half away from zero on int8.
+        average(&pool, &[10, 20, 30, 41], &mut out, 0, Averaging::Divided { signed: false }, &bounds);
+        assert_eq!(out, [25, 31, 36, 41]);
+        // int8 values -118, -108, -98, -87, held as 10, 20, 30, 41:
+        // -102.75, -97.5 away from zero to -98, -92.5 to -93, -87.
+        average(&pool, &[10, 20, 30, 41], &mut out, 128, Averaging::Divided { signed: true }, &bounds);
+        assert_eq!(out, [25, 30, 35, 41]);
         // Zero points: input 10 reads as 0, the output's zero is 100.
         let bounds = Bounds { zero: 100, low: 0, high: 255 };
-        average(&pool, &[10, 10, 10, 10], &mut out, (10, 1.0, 1.0), &bounds);
+        average(&pool, &[10, 10, 10, 10], &mut out, 10, scaled, &bounds);
         assert_eq!(out, [100; 4]);
     }
 

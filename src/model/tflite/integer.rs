@@ -6,13 +6,13 @@
 //! FULLY_CONNECTED, ADD of equal shapes, AVERAGE_POOL_2D, MEAN over height
 //! and width, SOFTMAX, RESHAPE, SQUEEZE and QUANTIZE, on uint8 or int8
 //! activations quantized per tensor, with uint8 weights or int8 weights per
-//! tensor or per channel, no dilation. Anything else is `Unsupported`, and
-//! the model goes to the float rebuild instead, with the same rounding
+//! tensor or per channel, no dilation. Anything else it refuses, and the
+//! model goes to the float rebuild instead, with the same rounding
 //! emulated: the reason is logged at debug level.
 
 use tract_tflite::tflite::{ActivationFunctionType, BuiltinOperator, Padding, TensorType};
 
-use super::super::integer::{Activation, Addition, Bounds, Im2col, Network, Pool, Step};
+use super::super::integer::{Activation, Addition, Averaging, Bounds, Im2col, Network, Pool, Step};
 use super::super::kernels::integer::{Depthwise, DepthwiseGeometry, Gemm, Requantize, has_vector_kernels};
 use super::read::{Graph, SourceOp, SourceTensor};
 use super::{Normalization, Result, malformed, unsupported};
@@ -54,7 +54,8 @@ impl Graph<'_> {
         if plan.sizes[image.slot] != pixels * 3 {
             return Err(malformed("the input's size does not match its shape"));
         }
-        let total: usize = plan.sizes.iter().sum::<usize>().saturating_add(plan.scratch);
+        // Each slot is at most the limit, so the sum cannot wrap.
+        let total: usize = plan.sizes.iter().fold(plan.scratch, |total, &size| total.saturating_add(size));
         if total > MAX_ACTIVATION_BYTES {
             return Err(unsupported(format!("{} MiB of activations", total >> 20)));
         }
@@ -102,7 +103,10 @@ impl Planner<'_, '_> {
             return Err(unsupported(format!("constant {} where an activation was expected", t.name)));
         }
         let (scale, zero) = activation_grid(t)?;
-        let size = elements(&t.shape).ok_or_else(|| malformed(format!("tensor {} is too large", t.name)))?;
+        let size = elements(&t.shape).filter(|&size| size <= MAX_ACTIVATION_BYTES);
+        let Some(size) = size.filter(|&size| size > 0) else {
+            return Err(unsupported(format!("activation {} of shape {:?}", t.name, t.shape)));
+        };
         let slot = match self.slots[ix as usize] {
             Some(slot) => slot,
             None => {
@@ -159,6 +163,9 @@ impl Planner<'_, '_> {
                     return Ok(None);
                 }
                 let output = self.output(op)?;
+                if self.sizes[output.slot] != self.sizes[input.slot] {
+                    return Err(malformed("a QUANTIZE that changes the number of values"));
+                }
                 let bounds = bounds(output, ActivationFunctionType::NONE);
                 Ok(Some(Step::Requantize { input, output: output.slot, scale: input.scale / output.scale, bounds }))
             }
@@ -176,7 +183,7 @@ impl Planner<'_, '_> {
                     return Err(malformed("weights that do not match the input and output"));
                 }
                 let dilation = (o.dilation_h_factor(), o.dilation_w_factor());
-                let stride = (o.stride_h() as usize, o.stride_w() as usize);
+                let stride = (positive(o.stride_h())?, positive(o.stride_w())?);
                 let pad = convolution(o.padding(), dilation, stride, (ih, iw), (kh, kw), (oh, ow))?;
                 let depth = kh * kw * ic;
                 let gemm = self.product(op, (input, output), &weights, depth, o.fused_activation_function())?;
@@ -213,7 +220,7 @@ impl Planner<'_, '_> {
                     return Err(malformed("weights that do not match the channels"));
                 }
                 let dilation = (o.dilation_h_factor(), o.dilation_w_factor());
-                let stride = (o.stride_h() as usize, o.stride_w() as usize);
+                let stride = (positive(o.stride_h())?, positive(o.stride_w())?);
                 let pad = convolution(o.padding(), dilation, stride, (ih, iw), (kh, kw), (oh, ow))?;
                 let requantize = self.requantize(input, output, &weights, o.fused_activation_function())?;
                 let geometry = DepthwiseGeometry {
@@ -276,15 +283,20 @@ impl Planner<'_, '_> {
                 let output = self.output(op)?;
                 let [_, ih, iw, c] = self.shape4(input_ix)?;
                 let [_, oh, ow, oc] = self.shape4(op.outputs[0])?;
-                let window = (o.filter_height() as usize, o.filter_width() as usize);
-                let stride = (o.stride_h() as usize, o.stride_w() as usize);
+                let window = (positive(o.filter_height())?, positive(o.filter_width())?);
+                let stride = (positive(o.stride_h())?, positive(o.stride_w())?);
                 let (pad, out) = padding(o.padding(), (ih, iw), window, stride)?;
                 if out != (oh, ow) || oc != c {
                     return Err(malformed("an output that does not match the pooling"));
                 }
                 let pool = Pool { input: (ih, iw), channels: c, output: (oh, ow), window, stride, pad };
                 let bounds = bounds(output, o.fused_activation_function());
-                Ok(Some(Step::Pool { input, output: output.slot, pool, output_scale: output.scale, bounds }))
+                // TFLite's own kernel, which runs it, keeps the input's grid.
+                if (output.scale, output.zero) != (input.scale, input.zero) {
+                    return Err(unsupported("an average pool that changes the quantization"));
+                }
+                let rounding = Averaging::Divided { signed: self.tensor(input_ix)?.ty == TensorType::INT8 };
+                Ok(Some(Step::Pool { input, output: output.slot, pool, rounding, bounds }))
             }
             BuiltinOperator::MEAN => {
                 let input = self.activation(input_ix)?;
@@ -312,25 +324,25 @@ impl Planner<'_, '_> {
                     pad: (0, 0),
                 };
                 let bounds = bounds(output, ActivationFunctionType::NONE);
-                Ok(Some(Step::Pool { input, output: output.slot, pool, output_scale: output.scale, bounds }))
+                let rounding = Averaging::Scaled { from: input.scale, to: output.scale };
+                Ok(Some(Step::Pool { input, output: output.slot, pool, rounding, bounds }))
             }
             BuiltinOperator::SOFTMAX => {
                 let beta = f.builtin_options_as_softmax_options().map(|o| o.beta()).unwrap_or(1.0);
                 let input = self.activation(input_ix)?;
                 let output = self.output(op)?;
                 let width = *self.tensor(input_ix)?.shape.last().unwrap_or(&0) as usize;
-                if width == 0
-                    || !self.sizes[input.slot].is_multiple_of(width)
-                    || self.sizes[output.slot] != self.sizes[input.slot]
-                {
+                let size = self.sizes[input.slot];
+                if width == 0 || !size.is_multiple_of(width) || self.sizes[output.slot] != size {
                     return Err(malformed("a softmax whose output does not match its input"));
                 }
                 Ok(Some(Step::Softmax {
                     input: input.slot,
                     output: output.slot,
-                    rows: self.sizes[input.slot] / width,
+                    width,
                     exponent: beta * input.scale,
-                    scale: 1.0 / output.scale,
+                    output_scale: output.scale,
+                    unsigned: self.tensor(op.outputs[0])?.ty == TensorType::UINT8,
                     bounds: bounds(output, ActivationFunctionType::NONE),
                 }))
             }
@@ -374,7 +386,16 @@ impl Planner<'_, '_> {
             return Err(malformed("weights with as many zero points as scales"));
         }
         let scale = (0..channels).map(|c| q.scale[if per_channel { c } else { 0 }]).collect();
-        let zero = (0..channels).map(|c| *q.zero_point.get(c).or(q.zero_point.first()).unwrap_or(&0) as i32).collect();
+        let range = if signed { -128..=127 } else { 0..=255 };
+        let zero = (0..channels)
+            .map(|c| *q.zero_point.get(c).or(q.zero_point.first()).unwrap_or(&0))
+            .map(|z| {
+                i32::try_from(z)
+                    .ok()
+                    .filter(|z| range.contains(z))
+                    .ok_or_else(|| malformed(format!("a weight zero point of {z}")))
+            })
+            .collect::<Result<_>>()?;
         Ok(Weights { bytes, signed, shape, scale, zero })
     }
 
@@ -501,7 +522,8 @@ fn padding(
         match padding {
             Padding::SAME => {
                 let out = input.div_ceil(stride);
-                let total = ((out - 1) * stride + kernel).saturating_sub(input);
+                let reach = (out - 1).checked_mul(stride).and_then(|r| r.checked_add(kernel));
+                let total = reach.ok_or_else(|| malformed("a window too large"))?.saturating_sub(input);
                 Ok((total / 2, out))
             }
             Padding::VALID if kernel <= input => Ok((0, (input - kernel) / stride + 1)),
@@ -514,6 +536,14 @@ fn padding(
     Ok(((pad_h, pad_w), (out_h, out_w)))
 }
 
+/// A stride or window side from the file: at least 1.
+fn positive(side: i32) -> Result<usize> {
+    usize::try_from(side)
+        .ok()
+        .filter(|&side| side > 0)
+        .ok_or_else(|| malformed(format!("a stride or window of {side}")))
+}
+
 fn elements(shape: &[i32]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
@@ -521,6 +551,31 @@ fn elements(shape: &[i32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A graph of uint8 activations of `shapes`, and no operator.
+    fn activations(shapes: &[&[i32]]) -> Graph<'static> {
+        let tensor = |(k, shape): (usize, &&[i32])| SourceTensor {
+            name: format!("t{k}"),
+            shape: shape.to_vec(),
+            ty: TensorType::UINT8,
+            quant: Some(super::super::quant::Quant { scale: vec![0.5], zero_point: vec![3], axis: 0 }),
+            data: None,
+        };
+        let tensors = shapes.iter().enumerate().map(tensor).collect();
+        Graph { tensors, ops: vec![], inputs: vec![0], outputs: vec![0], metadata: None }
+    }
+
+    #[test]
+    fn huge_and_empty_activations_are_left_to_the_float_rebuild() {
+        // 2^62 bytes, which four slots would wrap a sum of sizes with, and none.
+        let graph = activations(&[&[1, 4, 4, 3], &[2097152, 2097152, 1048576], &[0, 10], &[1, 1 << 15, 1 << 15, 1]]);
+        let mut plan = Planner { graph: &graph, slots: vec![None; 4], sizes: vec![], scratch: 0 };
+        assert_eq!(plan.activation(0).unwrap(), Activation { slot: 0, scale: 0.5, zero: 3 });
+        for ix in 1..4 {
+            assert!(matches!(plan.activation(ix), Err(super::super::DequantizeError::Unsupported(_))), "tensor {ix}");
+        }
+        assert_eq!(plan.sizes, [48]);
+    }
 
     #[test]
     fn padding_is_tflites() {

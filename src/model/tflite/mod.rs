@@ -210,10 +210,11 @@ pub(crate) struct IntegerModel {
 pub(crate) fn integer(bytes: &[u8], given: Option<MeanStd>) -> Result<std::result::Result<IntegerModel, String>> {
     let graph = Graph::from_bytes(bytes)?;
     let normalization = graph.input_normalization(given)?;
+    // Whatever the integer steps refuse, malformed or not, is the float
+    // rebuild's to take or refuse: it checks the file its own way.
     let network = match graph.integer(normalization) {
         Ok(network) => network,
-        Err(DequantizeError::Unsupported(why)) => return Ok(Err(why)),
-        Err(e) => return Err(e),
+        Err(why) => return Ok(Err(why.to_string())),
     };
     let probabilities = graph.output_is_probability();
     let labels = embedded_labels(&graph, bytes)?;

@@ -120,7 +120,6 @@ impl Gemm {
     /// `input_zero`: the activations' zero point (activations are always u8 here);
     /// `bias`: one int32 per output channel.
     #[allow(clippy::too_many_arguments)]
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         out_channels: usize,
         depth: usize,
