@@ -22,10 +22,15 @@ fn temp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// A PNG of one colour, written once.
+/// A PNG of one colour. Written aside and moved into place: the tests run
+/// at once, and one must never read the file while another rewrites it (a
+/// run once read it empty).
 fn image(name: &str, rgb: [u8; 3]) -> String {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let path = temp(&format!("{name}.png"));
-    RgbImage::from_pixel(6, 4, Rgb(rgb)).save(&path).unwrap();
+    let aside = temp(&format!("{name}.{}.png", WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    RgbImage::from_pixel(6, 4, Rgb(rgb)).save(&aside).unwrap();
+    std::fs::rename(&aside, &path).unwrap();
     path.display().to_string()
 }
 
