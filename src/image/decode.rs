@@ -122,6 +122,20 @@ pub fn decode_for(
     Ok(image)
 }
 
+/// About the most decoding `bytes` allocates, from the header: the pixels as
+/// decoded and as 8-bit RGB, which also covers the DCT coefficients a JPEG
+/// of several scans is held in (at most six bytes a pixel), at most
+/// [`MAX_DECODE_BYTES`]; nothing where the header cannot be read, since the
+/// decode then fails at once. Callers that decode at once hold a budget of
+/// it.
+pub fn decode_memory(bytes: &[u8]) -> u64 {
+    let Ok(reader) = ImageReader::new(Cursor::new(bytes)).with_guessed_format() else { return 0 };
+    let Ok(decoder) = reader.into_decoder() else { return 0 };
+    let (width, height) = decoder.dimensions();
+    let rgb = u64::from(width) * u64::from(height) * 3;
+    decoder.total_bytes().saturating_add(rgb).min(MAX_DECODE_BYTES)
+}
+
 /// Whether `orientation` swaps the stored image's width and height.
 fn turns_sideways(orientation: Orientation) -> bool {
     use Orientation::*;

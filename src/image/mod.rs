@@ -11,7 +11,7 @@ mod decode;
 mod jpeg;
 mod resize;
 
-pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_JPEG_SCANS, MAX_SIDE, decode, decode_for};
+pub use decode::{DecodeError, MAX_DECODE_BYTES, MAX_JPEG_SCANS, MAX_SIDE, decode, decode_for, decode_memory};
 pub use resize::resize;
 
 /// How a JPEG is decoded for the model.
