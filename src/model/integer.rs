@@ -15,7 +15,7 @@
 //! point: every kernel then reads unsigned activations, and an int8 model's
 //! QUANTIZE from its uint8 input is a relabelling, not a pass.
 
-use super::kernels::integer::{Depthwise, Gemm};
+use super::kernels::integer::{Depthwise, Gemm, Geometry};
 
 /// Where an activation is kept, and how its bytes read as real values:
 /// `real = (byte - zero) * scale`.
@@ -31,36 +31,33 @@ pub struct Activation {
 /// the zero point, so that a convolution becomes one matrix product.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Im2col {
-    pub input: (usize, usize),
-    pub channels: usize,
-    pub output: (usize, usize),
-    pub kernel: (usize, usize),
-    pub stride: (usize, usize),
-    pub pad: (usize, usize),
+    pub geometry: Geometry,
     pub zero: u8,
 }
 
 impl Im2col {
     /// The bytes of one output pixel's row.
     pub fn depth(&self) -> usize {
-        self.kernel.0 * self.kernel.1 * self.channels
+        let g = &self.geometry;
+        g.kernel.0 * g.kernel.1 * g.channels
     }
 
     fn run(&self, input: &[u8], out: &mut [u8]) {
-        let c = self.channels;
+        let g = &self.geometry;
+        let c = g.channels;
         let mut rows = out.chunks_exact_mut(self.depth());
-        for oy in 0..self.output.0 {
-            for ox in 0..self.output.1 {
+        for oy in 0..g.output.0 {
+            for ox in 0..g.output.1 {
                 let Some(row) = rows.next() else { return };
                 let mut taps = row.chunks_exact_mut(c);
-                for ky in 0..self.kernel.0 {
-                    let iy = (oy * self.stride.0 + ky).checked_sub(self.pad.0).filter(|&y| y < self.input.0);
-                    for kx in 0..self.kernel.1 {
+                for ky in 0..g.kernel.0 {
+                    let iy = (oy * g.stride.0 + ky).checked_sub(g.pad.0).filter(|&y| y < g.input.0);
+                    for kx in 0..g.kernel.1 {
                         let Some(tap) = taps.next() else { return };
-                        let ix = (ox * self.stride.1 + kx).checked_sub(self.pad.1).filter(|&x| x < self.input.1);
+                        let ix = (ox * g.stride.1 + kx).checked_sub(g.pad.1).filter(|&x| x < g.input.1);
                         match iy.zip(ix) {
                             Some((iy, ix)) => {
-                                let at = (iy * self.input.1 + ix) * c;
+                                let at = (iy * g.input.1 + ix) * c;
                                 tap.copy_from_slice(&input[at..at + c]);
                             }
                             None => tap.fill(self.zero),
@@ -70,18 +67,6 @@ impl Im2col {
             }
         }
     }
-}
-
-/// An average over windows of each channel, as AVERAGE_POOL_2D and MEAN
-/// compute it: only the taps inside the image count.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Pool {
-    pub input: (usize, usize),
-    pub channels: usize,
-    pub output: (usize, usize),
-    pub window: (usize, usize),
-    pub stride: (usize, usize),
-    pub pad: (usize, usize),
 }
 
 /// How a step's real results become output bytes.
@@ -188,10 +173,13 @@ pub enum Step {
         sum: Addition,
         bounds: Bounds,
     },
+    /// An average over windows (the geometry's kernel) of each channel, as
+    /// AVERAGE_POOL_2D and MEAN compute it: only the taps inside the image
+    /// count.
     Pool {
         input: Activation,
         output: usize,
-        pool: Pool,
+        pool: Geometry,
         rounding: Averaging,
         bounds: Bounds,
     },
@@ -406,7 +394,7 @@ fn run(step: &Step, slots: &mut Slots, scratch: &mut [u8]) {
             gemm.run(input, *pixels, output);
         }
         Step::Convolution { input, output, im2col, gemm } => {
-            let pixels = im2col.output.0 * im2col.output.1;
+            let pixels = im2col.geometry.output.0 * im2col.geometry.output.1;
             let rows = &mut scratch[..pixels * im2col.depth()];
             im2col.run(slots.read(*input), rows);
             gemm.run(rows, pixels, slots.write(*output));
@@ -475,7 +463,7 @@ pub enum Averaging {
 
 /// Each output value: the average of the taps inside the image, rounded as
 /// `rounding` says; `zero` is the input's zero point.
-fn average(pool: &Pool, input: &[u8], output: &mut [u8], zero: i32, rounding: Averaging, bounds: &Bounds) {
+fn average(pool: &Geometry, input: &[u8], output: &mut [u8], zero: i32, rounding: Averaging, bounds: &Bounds) {
     let c = pool.channels;
     // In i64: a window of more than 2^23 bytes would overflow i32.
     let mut sums = vec![0i64; c];
@@ -485,8 +473,8 @@ fn average(pool: &Pool, input: &[u8], output: &mut [u8], zero: i32, rounding: Av
             let Some(out) = outs.next() else { return };
             sums.fill(0);
             let mut count = 0;
-            let rows = window(oy, pool.stride.0, pool.pad.0, pool.window.0, pool.input.0);
-            let columns = window(ox, pool.stride.1, pool.pad.1, pool.window.1, pool.input.1);
+            let rows = window(oy, pool.stride.0, pool.pad.0, pool.kernel.0, pool.input.0);
+            let columns = window(ox, pool.stride.1, pool.pad.1, pool.kernel.1, pool.input.1);
             for iy in rows {
                 for ix in columns.clone() {
                     let at = (iy * pool.input.1 + ix) * c;
@@ -628,8 +616,9 @@ mod tests {
     #[test]
     fn im2col_puts_the_zero_point_outside_the_image() {
         // A 2x2 image of one channel, a 3x3 kernel, SAME padding.
-        let im2col =
-            Im2col { input: (2, 2), channels: 1, output: (2, 2), kernel: (3, 3), stride: (1, 1), pad: (1, 1), zero: 9 };
+        let geometry =
+            Geometry { input: (2, 2), channels: 1, output: (2, 2), kernel: (3, 3), stride: (1, 1), pad: (1, 1) };
+        let im2col = Im2col { geometry, zero: 9 };
         let mut out = vec![0; 4 * 9];
         im2col.run(&[1, 2, 3, 4], &mut out);
         assert_eq!(&out[..9], &[9, 9, 9, 9, 1, 2, 9, 3, 4]);
@@ -638,7 +627,7 @@ mod tests {
 
     #[test]
     fn average_pooling_counts_only_the_taps_inside() {
-        let pool = Pool { input: (2, 2), channels: 1, output: (2, 2), window: (2, 2), stride: (1, 1), pad: (0, 0) };
+        let pool = Geometry { input: (2, 2), channels: 1, output: (2, 2), kernel: (2, 2), stride: (1, 1), pad: (0, 0) };
         let bounds = Bounds { zero: 0, low: 0, high: 255 };
         let mut out = [0; 4];
         let scaled = Averaging::Scaled { from: 1.0, to: 1.0 };

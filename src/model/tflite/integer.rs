@@ -12,8 +12,8 @@
 
 use tract_tflite::tflite::{ActivationFunctionType, BuiltinOperator, Padding, TensorType};
 
-use super::super::integer::{Activation, Addition, Averaging, Bounds, Im2col, Network, Pool, Step};
-use super::super::kernels::integer::{Depthwise, DepthwiseGeometry, Gemm, Requantize, has_vector_kernels};
+use super::super::integer::{Activation, Addition, Averaging, Bounds, Im2col, Network, Step};
+use super::super::kernels::integer::{Depthwise, Gemm, Geometry, Requantize, has_vector_kernels};
 use super::read::{Graph, SourceOp, SourceTensor};
 use super::{Normalization, Result, malformed, unsupported};
 
@@ -171,66 +171,49 @@ impl Planner<'_, '_> {
             }
             BuiltinOperator::CONV_2D => {
                 let o = f.builtin_options_as_conv_2_doptions().ok_or_else(missing)?;
+                no_dilation((o.dilation_h_factor(), o.dilation_w_factor()))?;
                 let input = self.activation(input_ix)?;
                 let output = self.output(op)?;
-                let [_, ih, iw, ic] = self.shape4(input_ix)?;
-                let [_, oh, ow, oc] = self.shape4(op.outputs[0])?;
+                let [_, _, _, oc] = self.shape4(op.outputs[0])?;
                 let weights = self.weights(op, 0, oc)?;
                 let [woc, kh, kw, wic] = weights.shape[..] else {
                     return Err(malformed("weights not of rank 4"));
                 };
-                if (woc, wic) != (oc, ic) {
+                let stride = (o.stride_h(), o.stride_w());
+                let geometry = self.geometry((input_ix, op.outputs[0]), (kh, kw), stride, o.padding())?;
+                if (woc, wic) != (oc, geometry.channels) {
                     return Err(malformed("weights that do not match the input and output"));
                 }
-                let dilation = (o.dilation_h_factor(), o.dilation_w_factor());
-                let stride = (positive(o.stride_h())?, positive(o.stride_w())?);
-                let pad = convolution(o.padding(), dilation, stride, (ih, iw), (kh, kw), (oh, ow))?;
-                let depth = kh * kw * ic;
+                let depth = kh * kw * wic;
                 let gemm = self.product(op, (input, output), &weights, depth, o.fused_activation_function())?;
-                if (kh, kw, stride, pad) == (1, 1, (1, 1), (0, 0)) {
-                    return Ok(Some(Step::Product { input: input.slot, output: output.slot, pixels: oh * ow, gemm }));
+                let pixels = geometry.output.0 * geometry.output.1;
+                if (kh, kw, geometry.stride, geometry.pad) == (1, 1, (1, 1), (0, 0)) {
+                    return Ok(Some(Step::Product { input: input.slot, output: output.slot, pixels, gemm }));
                 }
-                let im2col = Im2col {
-                    input: (ih, iw),
-                    channels: ic,
-                    output: (oh, ow),
-                    kernel: (kh, kw),
-                    stride,
-                    pad,
-                    zero: input.zero as u8,
-                };
-                let scratch = (oh * ow).checked_mul(depth).ok_or_else(|| malformed("a convolution too large"))?;
+                let im2col = Im2col { geometry, zero: input.zero as u8 };
+                let scratch = pixels.checked_mul(depth).ok_or_else(|| malformed("a convolution too large"))?;
                 self.scratch = self.scratch.max(scratch);
                 Ok(Some(Step::Convolution { input: input.slot, output: output.slot, im2col, gemm }))
             }
             BuiltinOperator::DEPTHWISE_CONV_2D => {
                 let o = f.builtin_options_as_depthwise_conv_2_doptions().ok_or_else(missing)?;
+                no_dilation((o.dilation_h_factor(), o.dilation_w_factor()))?;
                 let input = self.activation(input_ix)?;
                 let output = self.output(op)?;
-                let [_, ih, iw, ic] = self.shape4(input_ix)?;
-                let [_, oh, ow, oc] = self.shape4(op.outputs[0])?;
-                if ic != oc {
-                    return Err(unsupported("a depth multiplier other than 1"));
-                }
+                let [_, _, _, oc] = self.shape4(op.outputs[0])?;
                 let weights = self.weights(op, 3, oc)?;
                 let [1, kh, kw, wc] = weights.shape[..] else {
                     return Err(malformed("depthwise weights not of shape [1, h, w, channels]"));
                 };
+                let stride = (o.stride_h(), o.stride_w());
+                let geometry = self.geometry((input_ix, op.outputs[0]), (kh, kw), stride, o.padding())?;
+                if geometry.channels != oc {
+                    return Err(unsupported("a depth multiplier other than 1"));
+                }
                 if wc != oc {
                     return Err(malformed("weights that do not match the channels"));
                 }
-                let dilation = (o.dilation_h_factor(), o.dilation_w_factor());
-                let stride = (positive(o.stride_h())?, positive(o.stride_w())?);
-                let pad = convolution(o.padding(), dilation, stride, (ih, iw), (kh, kw), (oh, ow))?;
                 let requantize = self.requantize(input, output, &weights, o.fused_activation_function())?;
-                let geometry = DepthwiseGeometry {
-                    channels: oc,
-                    input: (ih, iw),
-                    output: (oh, ow),
-                    kernel: (kh, kw),
-                    stride,
-                    pad,
-                };
                 let conv = Depthwise::new(
                     geometry,
                     weights.bytes,
@@ -281,15 +264,12 @@ impl Planner<'_, '_> {
                 let o = f.builtin_options_as_pool_2_doptions().ok_or_else(missing)?;
                 let input = self.activation(input_ix)?;
                 let output = self.output(op)?;
-                let [_, ih, iw, c] = self.shape4(input_ix)?;
-                let [_, oh, ow, oc] = self.shape4(op.outputs[0])?;
                 let window = (positive(o.filter_height())?, positive(o.filter_width())?);
-                let stride = (positive(o.stride_h())?, positive(o.stride_w())?);
-                let (pad, out) = padding(o.padding(), (ih, iw), window, stride)?;
-                if out != (oh, ow) || oc != c {
+                let stride = (o.stride_h(), o.stride_w());
+                let pool = self.geometry((input_ix, op.outputs[0]), window, stride, o.padding())?;
+                if self.shape4(op.outputs[0])?[3] != pool.channels {
                     return Err(malformed("an output that does not match the pooling"));
                 }
-                let pool = Pool { input: (ih, iw), channels: c, output: (oh, ow), window, stride, pad };
                 let bounds = bounds(output, o.fused_activation_function());
                 // TFLite's own kernel, which runs it, keeps the input's grid.
                 if (output.scale, output.zero) != (input.scale, input.zero) {
@@ -315,11 +295,11 @@ impl Planner<'_, '_> {
                 if self.sizes[output.slot] != c {
                     return Err(malformed("an output that does not match the mean"));
                 }
-                let pool = Pool {
+                let pool = Geometry {
                     input: (ih, iw),
                     channels: c,
                     output: (1, 1),
-                    window: (ih, iw),
+                    kernel: (ih, iw),
                     stride: (1, 1),
                     pad: (0, 0),
                 };
@@ -351,6 +331,26 @@ impl Planner<'_, '_> {
                 Err(unsupported(format!("operator {name} has no integer step")))
             }
         }
+    }
+
+    /// The window of `kernel` sliding over tensor `input` into tensor
+    /// `output` by `stride` with `padding`, checked against the output's
+    /// size; its channels are the input's.
+    fn geometry(
+        &self,
+        (input, output): (i32, i32),
+        kernel: (usize, usize),
+        stride: (i32, i32),
+        padding: Padding,
+    ) -> Result<Geometry> {
+        let [_, ih, iw, channels] = self.shape4(input)?;
+        let [_, oh, ow, _] = self.shape4(output)?;
+        let stride = (positive(stride.0)?, positive(stride.1)?);
+        let (pad, out) = self::padding(padding, (ih, iw), kernel, stride)?;
+        if out != (oh, ow) {
+            return Err(malformed("an output that does not match the window"));
+        }
+        Ok(Geometry { channels, input: (ih, iw), output: out, kernel, stride, pad })
     }
 
     /// The four sides of a `[1, h, w, c]` tensor.
@@ -487,24 +487,11 @@ fn bounds(output: Activation, fused: ActivationFunctionType) -> Bounds {
     Bounds { zero: output.zero, low: low.clamp(0, 255) as u8, high: high.clamp(0, 255) as u8 }
 }
 
-/// The padding before the first row and column of a convolution, checked
-/// against its output's size.
-fn convolution(
-    padding: Padding,
-    dilation: (i32, i32),
-    stride: (usize, usize),
-    input: (usize, usize),
-    kernel: (usize, usize),
-    output: (usize, usize),
-) -> Result<(usize, usize)> {
-    if dilation != (1, 1) {
-        return Err(unsupported("dilation"));
+fn no_dilation(dilation: (i32, i32)) -> Result<()> {
+    match dilation {
+        (1, 1) => Ok(()),
+        _ => Err(unsupported("dilation")),
     }
-    let (pad, out) = self::padding(padding, input, kernel, stride)?;
-    if out != output {
-        return Err(malformed("an output that does not match the convolution"));
-    }
-    Ok(pad)
 }
 
 /// Padding before the first row and column, and the output's size, as

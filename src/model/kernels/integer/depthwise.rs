@@ -933,22 +933,28 @@ mod tests {
         }
     }
 
+    /// A 3x3 kernel over a square input with TFLite's SAME padding: one
+    /// before at stride 1, none at stride 2 on an even side.
+    fn same_3x3(size: usize, channels: usize, stride: usize) -> Geometry {
+        let pad = if stride == 1 { 1 } else { 0 };
+        let output = size.div_ceil(stride);
+        Geometry {
+            channels,
+            input: (size, size),
+            output: (output, output),
+            kernel: (3, 3),
+            stride: (stride, stride),
+            pad: (pad, pad),
+        }
+    }
+
     /// The MobileNet V2 shapes at reduced size, with both TFLite SAME paddings.
     #[test]
     fn matches_oracle_on_mobilenet_like_shapes() {
         let mut rng = Rng(99);
         for (size, channels) in [(14usize, 144), (28, 32), (7, 960), (8, 48)] {
             for stride in [1, 2] {
-                let pad = if stride == 1 { 1 } else { 0 };
-                let output = size.div_ceil(stride);
-                let geometry = Geometry {
-                    channels,
-                    input: (size, size),
-                    output: (output, output),
-                    kernel: (3, 3),
-                    stride: (stride, stride),
-                    pad: (pad, pad),
-                };
+                let geometry = same_3x3(size, channels, stride);
                 for extreme in [false, true] {
                     random_case(&mut rng, geometry, extreme).check();
                 }
@@ -1022,16 +1028,8 @@ mod tests {
         println!("{:>22} {:>10} {:>10} {:>10}", "input, channels, stride", "portable", "avx2", "avx512");
         let mut totals = [0.0; 3];
         for (size, channels, stride) in shapes {
-            let pad = if stride == 1 { 1 } else { 0 };
             let output = size.div_ceil(stride);
-            let geometry = Geometry {
-                channels,
-                input: (size, size),
-                output: (output, output),
-                kernel: (3, 3),
-                stride: (stride, stride),
-                pad: (pad, pad),
-            };
+            let geometry = same_3x3(size, channels, stride);
             let case = random_case(&mut rng, geometry, false);
             let mut out = vec![0; output * output * channels];
             let mut line = format!("{:>22}", format!("{size}x{size}x{channels} s{stride}"));

@@ -7,7 +7,7 @@ mod gemm;
 #[cfg(test)]
 mod testing;
 
-pub use depthwise::{Depthwise, Geometry as DepthwiseGeometry};
+pub use depthwise::{Depthwise, Geometry};
 pub use gemm::Gemm;
 
 /// How an int32 sum becomes an output byte:
