@@ -199,6 +199,9 @@ def main():
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--delay-ms", type=float, default=50)
     p.add_argument("--rate-mbps", type=float, default=20)
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="downloads in flight, passed to the classifier (all its builds) and to the peers "
+                        "alike; 0 leaves each at its own default")
     p.add_argument("--binary", default=str(ROOT / "target" / "release" / "classifier"))
     p.add_argument("--baseline", metavar="BINARY",
                    help="also run this build of the classifier (an earlier commit's, say), cold, as "
@@ -225,7 +228,8 @@ def main():
         "scale": [f"{url}?copy={k}" for k in range(10) for url in corpus],
     }[args.scenario]
     model, labels = f"{base}/birds/model.tflite", f"{base}/birds/labels.csv"
-    tool = [args.binary, "--model", model, "--labels", labels, "--format", "json", "--sources-file", "-"]
+    in_flight = ["--concurrency", str(args.concurrency)] if args.concurrency else []
+    tool = [args.binary, "--model", model, "--labels", labels, "--format", "json", "--sources-file", "-", *in_flight]
     cache_dir = tempfile.mkdtemp(prefix="classifier-bench-cache-")
     cached_tool = [*tool, "--cache-dir", cache_dir]
     tool.append("--no-cache")
@@ -235,7 +239,7 @@ def main():
     baseline = [args.baseline, *tool[1:]] if args.baseline else None
     contenders = {"classifier": None, **({"classifier_baseline": baseline} if baseline else {}),
                   **({"classifier_cached": cached_tool} if args.cached else {}), **{f"peer_{name}": [sys.executable, str(ROOT / "bench" / f"peer_{name}.py"),
-                                                          "--model", model, "--labels", labels, *images]
+                                                          "--model", model, "--labels", labels, *in_flight, *images]
                                          for name in peers}}
     batch = one_batch(args.binary)
     if args.cached:

@@ -5,7 +5,7 @@
 mod depthwise;
 mod gemm;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use depthwise::{Depthwise, Geometry};
 pub use gemm::Gemm;
