@@ -167,10 +167,12 @@ enum Done {
     Repeat { n: usize, source: String, of: usize },
 }
 
-/// Hands every record's source to the engine, at most `concurrency` at once
-/// until they are queued for inference, each its own task: a download keeps
+/// Hands every record's source to the engine, each its own task: at most
+/// `concurrency` downloading at once, and at most as many again downloaded
+/// and waiting to be decoded and queued for inference. A download keeps
 /// streaming (and its time limit stays honest) while others wait for room
-/// in the queue.
+/// in the queue; images waiting for a decoder do not hold the connections'
+/// slots, so the downloads go on while both CPUs decode.
 struct Producer {
     engine: Engine,
     repeated: HashSet<Source>,
@@ -184,7 +186,8 @@ struct Producer {
 
 impl Producer {
     async fn run(self, first: Expanded, mut records: mpsc::Receiver<Expanded>) {
-        let in_flight = Arc::new(Semaphore::new(self.concurrency));
+        let downloads = Arc::new(Semaphore::new(self.concurrency));
+        let unqueued = Arc::new(Semaphore::new(2 * self.concurrency));
         let mut first_of: HashMap<Source, usize> = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut next = Some(first);
@@ -223,14 +226,19 @@ impl Producer {
                 }
                 first_of.insert(source.clone(), n);
             }
-            let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+            let Ok(unqueued) = unqueued.clone().acquire_owned().await else { break };
+            let Ok(download) = downloads.clone().acquire_owned().await else { break };
             let (engine, request) = (self.engine.clone(), self.request);
             let reply = Reply { n, source: name, keep, done: Some(self.done.clone()) };
             tasks.spawn(async move {
-                // The slot bounds the images being downloaded and decoded: it
-                // is free again once the image waits for inference.
-                let queued = engine.submit(Input::Source(source), request).await;
-                drop(permit);
+                let fetched = engine.fetch(&source, request.deadline).await;
+                drop(download);
+                let queued = match fetched {
+                    Ok(bytes) => engine.submit(Input::Bytes { name: source.to_string(), bytes }, request).await,
+                    Err(e) => Err(e),
+                };
+                // Free again once the image waits for inference.
+                drop(unqueued);
                 let outcome = match queued {
                     Ok(queued) => queued.predictions().await,
                     Err(e) => Err(e),

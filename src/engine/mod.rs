@@ -225,6 +225,43 @@ impl Engine {
         queued
     }
 
+    /// Downloads (or reads) `source` as [`Engine::submit`] would, for a
+    /// caller that bounds downloads apart from decodes: the command line
+    /// frees a download's slot once its body is in, so that images waiting
+    /// for a decoder do not stop the next downloads (with both CPUs busy
+    /// decoding, they held most of the slots and the connections idled).
+    /// Hand the bytes to `submit` as [`Input::Bytes`].
+    pub async fn fetch(&self, source: &Source, deadline: Deadline) -> Result<Bytes, SourceError> {
+        // What would fail anyway fails before any download.
+        let failed = matches!(&*self.inner.state.borrow(), State::Failed(_));
+        let fetched = if failed { Err(SourceError::Unavailable) } else { self.download(source, deadline).await };
+        if let Err(e) = &fetched {
+            self.inner.metrics.failed(e.kind());
+        }
+        fetched
+    }
+
+    async fn download(&self, source: &Source, deadline: Deadline) -> Result<Bytes, SourceError> {
+        let inner = &*self.inner;
+        if deadline.expired() {
+            return Err(SourceError::Deadline);
+        }
+        let started = Instant::now();
+        let fetched = inner
+            .fetcher
+            .fetch(source, inner.max_image_bytes, deadline)
+            .instrument(debug_span!("download", %source))
+            .await;
+        let bytes = match fetched {
+            Ok(bytes) => bytes,
+            // The caller's deadline came before the time limit.
+            Err(FetchError::Timeout(_)) if deadline.expired() => return Err(SourceError::Deadline),
+            Err(e) => return Err(e.into()),
+        };
+        inner.metrics.downloaded(bytes.len(), started.elapsed());
+        Ok(bytes)
+    }
+
     async fn queue(&self, input: Input, request: Request) -> Result<Queued, SourceError> {
         let inner = &*self.inner;
         let deadline = request.deadline;
@@ -240,19 +277,7 @@ impl Engine {
         }
         let (name, bytes) = match input {
             Input::Source(source) => {
-                let started = Instant::now();
-                let fetched = inner
-                    .fetcher
-                    .fetch(&source, inner.max_image_bytes, deadline)
-                    .instrument(debug_span!("download", %source))
-                    .await;
-                let bytes = match fetched {
-                    Ok(bytes) => bytes,
-                    // The caller's deadline came before the time limit.
-                    Err(FetchError::Timeout(_)) if deadline.expired() => return Err(SourceError::Deadline),
-                    Err(e) => return Err(e.into()),
-                };
-                inner.metrics.downloaded(bytes.len(), started.elapsed());
+                let bytes = self.download(&source, deadline).await?;
                 (source.to_string(), bytes)
             }
             Input::Bytes { name, bytes } => (name, bytes),
