@@ -231,7 +231,7 @@ impl Producer {
             let (engine, request) = (self.engine.clone(), self.request);
             let reply = Reply { n, source: name, keep, done: Some(self.done.clone()) };
             tasks.spawn(async move {
-                let fetched = engine.fetch(&source, request.deadline).await;
+                let fetched = engine.fetch(&source, request).await;
                 drop(download);
                 let queued = match fetched {
                     Ok(bytes) => engine.submit(Input::Bytes { name: source.to_string(), bytes }, request).await,

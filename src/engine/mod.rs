@@ -226,26 +226,39 @@ impl Engine {
     }
 
     /// Downloads (or reads) `source` as [`Engine::submit`] would, for a
-    /// caller that bounds downloads apart from decodes: the command line
-    /// frees a download's slot once its body is in, so that images waiting
-    /// for a decoder do not stop the next downloads (with both CPUs busy
-    /// decoding, they held most of the slots and the connections idled).
-    /// Hand the bytes to `submit` as [`Input::Bytes`].
-    pub async fn fetch(&self, source: &Source, deadline: Deadline) -> Result<Bytes, SourceError> {
-        // What would fail anyway fails before any download.
-        let failed = matches!(&*self.inner.state.borrow(), State::Failed(_));
-        let fetched = if failed { Err(SourceError::Unavailable) } else { self.download(source, deadline).await };
+    /// caller that bounds downloads apart from decodes: the front ends free
+    /// a download's slot once its body is in, so that images waiting for a
+    /// decoder do not stop the next downloads (with both CPUs busy decoding,
+    /// they held most of the slots and the connections idled). Hand the
+    /// bytes to `submit` as [`Input::Bytes`] with the same `request`.
+    pub async fn fetch(&self, source: &Source, request: Request) -> Result<Bytes, SourceError> {
+        let fetched = match self.refused(request) {
+            Err(e) => Err(e),
+            Ok(()) => self.download(source, request.deadline).await,
+        };
         if let Err(e) = &fetched {
             self.inner.metrics.failed(e.kind());
         }
         fetched
     }
 
-    async fn download(&self, source: &Source, deadline: Deadline) -> Result<Bytes, SourceError> {
+    /// What would fail anyway, before any download or decode.
+    fn refused(&self, request: Request) -> Result<(), SourceError> {
         let inner = &*self.inner;
-        if deadline.expired() {
+        if request.deadline.expired() {
             return Err(SourceError::Deadline);
         }
+        if matches!(&*inner.state.borrow(), State::Failed(_)) {
+            return Err(SourceError::Unavailable);
+        }
+        if request.when_full == WhenFull::Refuse && inner.queue.is_full() {
+            return Err(SourceError::Overloaded);
+        }
+        Ok(())
+    }
+
+    async fn download(&self, source: &Source, deadline: Deadline) -> Result<Bytes, SourceError> {
+        let inner = &*self.inner;
         let started = Instant::now();
         let fetched = inner
             .fetcher
@@ -265,16 +278,7 @@ impl Engine {
     async fn queue(&self, input: Input, request: Request) -> Result<Queued, SourceError> {
         let inner = &*self.inner;
         let deadline = request.deadline;
-        // What would fail anyway fails before any download or decode.
-        if deadline.expired() {
-            return Err(SourceError::Deadline);
-        }
-        if matches!(&*inner.state.borrow(), State::Failed(_)) {
-            return Err(SourceError::Unavailable);
-        }
-        if request.when_full == WhenFull::Refuse && inner.queue.is_full() {
-            return Err(SourceError::Overloaded);
-        }
+        self.refused(request)?;
         let (name, bytes) = match input {
             Input::Source(source) => {
                 let bytes = self.download(&source, deadline).await?;

@@ -112,7 +112,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub queue: u32,
 
-    /// Most images being downloaded or decoded at once, over all requests.
+    /// Most images downloading at once, over all requests; as many again,
+    /// downloaded or uploaded, may wait for a decoder.
     #[arg(long, value_name = "N", env = "CLASSIFIER_CONCURRENCY", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,

@@ -67,7 +67,8 @@ fn app(settings: &ServeSettings) -> anyhow::Result<(Router, Arc<App>)> {
     let app = Arc::new(App {
         models,
         limits: settings.limits.clone(),
-        images: Arc::new(Semaphore::new(settings.limits.concurrency)),
+        downloads: Arc::new(Semaphore::new(settings.limits.concurrency)),
+        images: Arc::new(Semaphore::new(2 * settings.limits.concurrency)),
         draining: Default::default(),
         metrics,
         cache: cache::ResultCache::new(settings.limits.cache_entries, settings.limits.cache_ttl),

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::cache::{self, ResultCache};
 use super::errors::ApiError;
@@ -43,7 +43,12 @@ pub struct App {
     /// The default first.
     pub models: Vec<Served>,
     pub limits: Limits,
-    /// Images being downloaded or decoded, over all requests.
+    /// Images downloading, over all requests (`--concurrency`).
+    pub downloads: Arc<Semaphore>,
+    /// Images downloaded or uploaded and not yet queued for inference, over
+    /// all requests (twice `--concurrency`): a download's slot is free once
+    /// its body is in, so that images waiting for a decoder do not stop the
+    /// next downloads.
     pub images: Arc<Semaphore>,
     pub draining: AtomicBool,
     pub metrics: ServeMetrics,
@@ -275,17 +280,31 @@ struct Answer<'a> {
 }
 
 /// One image: it holds one of the server's image slots until it is queued
-/// for inference (or fails), as the command line's `--concurrency` does.
+/// for inference (or fails), and one of its download slots while its body
+/// comes in, as the command line's `--concurrency` does.
 pub(super) async fn classify_one(app: &App, engine: &Engine, input: Input, request: Request) -> Outcome {
-    let slot = app.images.clone().acquire_owned();
-    let slot = match request.deadline.instant() {
+    let _image = slot(&app.images, request.deadline).await?;
+    let input = match input {
+        Input::Source(source) => {
+            let download = slot(&app.downloads, request.deadline).await?;
+            let bytes = engine.fetch(&source, request).await?;
+            drop(download);
+            Input::Bytes { name: source.to_string(), bytes }
+        }
+        bytes @ Input::Bytes { .. } => bytes,
+    };
+    let queued = engine.submit(input, request).await;
+    drop(_image);
+    queued?.predictions().await
+}
+
+async fn slot(slots: &Arc<Semaphore>, deadline: Deadline) -> Result<OwnedSemaphorePermit, SourceError> {
+    let slot = slots.clone().acquire_owned();
+    let slot = match deadline.instant() {
         Some(at) => tokio::time::timeout_at(at.into(), slot).await.map_err(|_| SourceError::Deadline)?,
         None => slot.await,
     };
-    let slot = slot.map_err(|_| SourceError::Unavailable)?;
-    let queued = engine.submit(input, request).await;
-    drop(slot);
-    queued?.predictions().await
+    slot.map_err(|_| SourceError::Unavailable)
 }
 
 /// The media type, lowercase, without its parameters.
