@@ -1,6 +1,6 @@
 //! The Open Inference Protocol v2 (KServe's and Triton's HTTP API), for
 //! clients such as `tritonclient.http`: the same engines, image slots,
-//! limits and errors as `POST /v1/classify`.
+//! limits, errors, result cache and usage report as `POST /v1/classify`.
 //!
 //! Every model takes one BYTES input, [`INPUT`], each element one encoded
 //! image (JPEG, PNG...), sent after the JSON header in binary (the binary
