@@ -178,6 +178,8 @@ fn across_rows(source: Plane, rows: std::ops::Range<usize>, taps: &Taps, width: 
     let (in_row, out_row) = (source.width * 3, width * 3);
     let mut out = vec![0u8; rows.len() * out_row];
     let mut block = vec![0u8; in_row * BLOCK];
+    // The block's output, on its side as the input is, set upright at the end.
+    let mut sums_block = vec![0u8; out_row * BLOCK];
     for (b, out_rows) in out.chunks_mut(out_row * BLOCK).enumerate() {
         let y = rows.start + b * BLOCK;
         if out_rows.len() < out_row * BLOCK {
@@ -199,12 +201,15 @@ fn across_rows(source: Plane, rows: std::ops::Range<usize>, taps: &Taps, width: 
                     }
                 }
             }
-            for (c, sums) in sums.iter().enumerate() {
-                for (r, &sum) in sums.iter().enumerate() {
-                    out_rows[r * out_row + x * 3 + c] = clip8(sum);
+            let bytes: &mut [u8; 3 * BLOCK] =
+                (&mut sums_block[x * 3 * BLOCK..(x + 1) * 3 * BLOCK]).try_into().expect("a column of the block");
+            for (bytes, sums) in bytes.chunks_exact_mut(BLOCK).zip(&sums) {
+                for (byte, &sum) in bytes.iter_mut().zip(sums) {
+                    *byte = clip8(sum);
                 }
             }
         }
+        upright(&sums_block, out_row, out_rows);
     }
     out
 }
@@ -250,6 +255,69 @@ fn sideways(rows: &[u8], row: usize, block: &mut [u8]) {
             block[i * BLOCK + r] = rows[r * row + i];
         }
     }
+}
+
+/// `block` set upright again, as `sideways` took it:
+/// `rows[r * row + i] = block[i * BLOCK + r]`.
+#[inline(always)]
+fn upright(block: &[u8], row: usize, rows: &mut [u8]) {
+    assert_eq!((rows.len(), block.len()), (row * BLOCK, row * BLOCK));
+    #[cfg(target_arch = "x86_64")]
+    let done = {
+        let tiles = row / 16 * 16;
+        for at in (0..tiles).step_by(16) {
+            let tile: &[u8; 16 * BLOCK] = block[at * BLOCK..(at + 16) * BLOCK].try_into().expect("a tile");
+            let lines = upright_tile(tile);
+            for (r, line) in lines.iter().enumerate() {
+                rows[r * row + at..r * row + at + 16].copy_from_slice(line);
+            }
+        }
+        tiles
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for i in done..row {
+        for r in 0..BLOCK {
+            rows[r * row + i] = block[i * BLOCK + r];
+        }
+    }
+}
+
+/// Sixteen columns of eight bytes set upright, as eight rows of sixteen:
+/// `sideways_tile` undone, in SSE2's interleaves of bytes, words, double
+/// words and quad words.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn upright_tile(tile: &[u8; 16 * BLOCK]) -> [[u8; 16]; BLOCK] {
+    use std::arch::x86_64::*;
+    let mut lines = [[0u8; 16]; BLOCK];
+    // SAFETY: each load reads eight bytes of `tile` (column `i`, at `i * 8`,
+    // i < 16), each store writes the 16 bytes of one array of `lines`; SSE2
+    // is part of x86-64, so every CPU this runs on has it.
+    unsafe {
+        let columns: [__m128i; 16] = std::array::from_fn(|i| _mm_loadl_epi64(tile[i * 8..].as_ptr().cast()));
+        // Columns i and i+1, byte by byte: (i, i+1) for each row.
+        let pairs: [__m128i; 8] = std::array::from_fn(|k| _mm_unpacklo_epi8(columns[2 * k], columns[2 * k + 1]));
+        // Columns 4q..4q+3 for rows 0-3, then for rows 4-7.
+        let quads: [__m128i; 8] = std::array::from_fn(|j| {
+            let (q, high) = (j / 2, j % 2 == 1);
+            let (a, b) = (pairs[2 * q], pairs[2 * q + 1]);
+            if high { _mm_unpackhi_epi16(a, b) } else { _mm_unpacklo_epi16(a, b) }
+        });
+        // Columns 8h..8h+7 for rows (2p, 2p+1), p = 0..3, h = 0, 1.
+        let eights: [__m128i; 8] = std::array::from_fn(|j| {
+            let (h, p) = (j / 4, j % 4);
+            // quads[2q] holds rows 0-3 of columns 4q..4q+3, quads[2q+1] rows 4-7.
+            let (a, b) = (quads[4 * h + p / 2], quads[4 * h + 2 + p / 2]);
+            if p % 2 == 1 { _mm_unpackhi_epi32(a, b) } else { _mm_unpacklo_epi32(a, b) }
+        });
+        for p in 0..4 {
+            let (low, high) = (eights[p], eights[4 + p]);
+            _mm_storeu_si128(lines[2 * p].as_mut_ptr().cast(), _mm_unpacklo_epi64(low, high));
+            _mm_storeu_si128(lines[2 * p + 1].as_mut_ptr().cast(), _mm_unpackhi_epi64(low, high));
+        }
+    }
+    lines
 }
 
 /// Sixteen bytes of eight rows turned on their side in SSE2's byte, word and
