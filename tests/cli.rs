@@ -11,6 +11,8 @@ use serde_json::Value;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+mod support;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
@@ -692,26 +694,8 @@ async fn folders_and_patterns_expand_to_their_images_in_path_order() {
 
 #[tokio::test]
 async fn at_most_concurrency_downloads_are_in_flight() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    // A host that answers each image after a while, counting the requests
-    // it holds at once.
-    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let image = png(RED);
-    let handler = {
-        let (now, peak) = (now.clone(), peak.clone());
-        move || async move {
-            let holding = now.fetch_add(1, Ordering::SeqCst) + 1;
-            peak.fetch_max(holding, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            now.fetch_sub(1, Ordering::SeqCst);
-            image
-        }
-    };
-    let app = axum::Router::new().route("/{n}", axum::routing::get(handler));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    use std::sync::atomic::Ordering;
+    let (host, peak) = support::counting_host(png(RED), Duration::from_millis(150)).await;
     let server = server().await;
     let images: Vec<String> = (0..12).map(|n| format!("{host}/{n}.png")).collect();
     let mut extra = vec!["--concurrency", "3"];

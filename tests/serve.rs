@@ -881,26 +881,8 @@ async fn the_openapi_document_describes_the_routes_served() {
 
 #[tokio::test]
 async fn at_most_concurrency_downloads_are_in_flight_over_all_requests() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    // A host that answers each image after a while, counting the requests
-    // it holds at once.
-    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let image = png([250, 10, 10]);
-    let handler = {
-        let (now, peak) = (now.clone(), peak.clone());
-        move || async move {
-            let holding = now.fetch_add(1, Ordering::SeqCst) + 1;
-            peak.fetch_max(holding, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            now.fetch_sub(1, Ordering::SeqCst);
-            image
-        }
-    };
-    let app = axum::Router::new().route("/{n}", axum::routing::get(handler));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    use std::sync::atomic::Ordering;
+    let (host, peak) = support::counting_host(png([250, 10, 10]), Duration::from_millis(150)).await;
     let assets = assets(Duration::ZERO).await;
     let server = Server::ready(mock_args(&assets, &["--concurrency", "2"])).await;
     let request = |first: usize| {

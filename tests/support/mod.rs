@@ -1,5 +1,5 @@
 //! The harness the server tests share (tests/serve.rs, tests/oip.rs,
-//! tests/page.rs): one copy, so that a change to how a test server starts,
+//! tests/page.rs, and tests/cli.rs for its counting host): one copy, so that a change to how a test server starts,
 //! waits or stops is made once. Under a folder, so that Cargo does not build
 //! it as a test crate of its own.
 
@@ -9,6 +9,8 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -50,6 +52,27 @@ pub fn shared(rel: &str) -> Option<PathBuf> {
         eprintln!("skipped: {} is absent", path.display());
         None
     }
+}
+
+/// A loopback host that answers every GET with `body` after `hold`, counting
+/// the requests it holds at once: its URL, and the most it has held.
+pub async fn counting_host(body: Vec<u8>, hold: Duration) -> (String, Arc<AtomicUsize>) {
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = {
+        let (now, peak) = (now, peak.clone());
+        move || async move {
+            let holding = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(holding, Ordering::SeqCst);
+            tokio::time::sleep(hold).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            body
+        }
+    };
+    let app = axum::Router::new().route("/{n}", axum::routing::get(handler));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (host, peak)
 }
 
 pub async fn mount(server: &MockServer, at: &str, response: ResponseTemplate) {
