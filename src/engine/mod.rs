@@ -237,7 +237,7 @@ impl Engine {
             Ok(()) => self.download(source, request.deadline).await,
         };
         if let Err(e) = &fetched {
-            self.inner.metrics.failed(e.kind());
+            self.failed(e);
         }
         fetched
     }

@@ -299,7 +299,7 @@ pub(super) async fn classify_one(app: &App, engine: &Engine, input: Input, reque
         engine.failed(&e);
         e
     };
-    let _image = slot(&app.images, request.deadline).await.map_err(counted)?;
+    let image = slot(&app.images, request.deadline).await.map_err(counted)?;
     let input = match input {
         Input::Source(source) => {
             let download = slot(&app.downloads, request.deadline).await.map_err(counted)?;
@@ -310,7 +310,7 @@ pub(super) async fn classify_one(app: &App, engine: &Engine, input: Input, reque
         bytes @ Input::Bytes { .. } => bytes,
     };
     let queued = engine.submit(input, request).await;
-    drop(_image);
+    drop(image);
     queued?.predictions().await
 }
 

@@ -289,10 +289,7 @@ impl Gemm {
         let depth = self.depth;
         let mut row_sums = [0i32; MAX_TILE_PIXELS];
         let mut tails = [0u32; MAX_TILE_PIXELS];
-        let mut first_pixel = 0;
-        while first_pixel < pixels {
-            let tile_pixels = tile_pixels(pixels - first_pixel, self.main_tile_pixels);
-            let valid = (pixels - first_pixel).min(tile_pixels);
+        for (first_pixel, valid, tile_pixels) in tiles(pixels, self.main_tile_pixels) {
             for p in 0..valid {
                 let row = &input[(first_pixel + p) * depth..(first_pixel + p + 1) * depth];
                 // SAFETY: `Variant::Vnni` is only chosen on CPUs with the features `vnni_row_sum` is compiled for.
@@ -305,7 +302,6 @@ impl Gemm {
                 // avx512vnni, the features `vnni_tile` is compiled for; `with_variant` asserts it.
                 unsafe { self.vnni_dispatch(tile_pixels, &tile, chunk, output) };
             }
-            first_pixel += valid;
         }
     }
 
@@ -338,10 +334,7 @@ impl Gemm {
         // Pixel tails run in tiles of four even when the main tile is smaller.
         let mut words = vec![0u32; self.main_tile_pixels.max(4) * row_words];
         let mut row_sums = [0i32; MAX_TILE_PIXELS];
-        let mut first_pixel = 0;
-        while first_pixel < pixels {
-            let tile_pixels = tile_pixels(pixels - first_pixel, self.main_tile_pixels);
-            let valid = (pixels - first_pixel).min(tile_pixels);
+        for (first_pixel, valid, tile_pixels) in tiles(pixels, self.main_tile_pixels) {
             for p in 0..valid {
                 let row = &input[(first_pixel + p) * depth..(first_pixel + p + 1) * depth];
                 let row_words = &mut words[p * row_words..(p + 1) * row_words];
@@ -354,7 +347,6 @@ impl Gemm {
                 // compiled for; `with_variant` asserts it.
                 unsafe { self.avx2_dispatch(tile_pixels, &tile, chunk, output) };
             }
-            first_pixel += valid;
         }
     }
 
@@ -726,6 +718,21 @@ fn avx2_main_tile_pixels(widest: usize) -> usize {
         2 => 6,
         _ => 12,
     }
+}
+
+/// The kernel calls over `pixels` rows, in order: (first pixel, real pixels, tile size), both vector drivers' walk.
+#[cfg(target_arch = "x86_64")]
+fn tiles(pixels: usize, main_tile_pixels: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut first_pixel = 0;
+    std::iter::from_fn(move || {
+        (first_pixel < pixels).then(|| {
+            let tile_pixels = tile_pixels(pixels - first_pixel, main_tile_pixels);
+            let valid = (pixels - first_pixel).min(tile_pixels);
+            let tile = (first_pixel, valid, tile_pixels);
+            first_pixel += valid;
+            tile
+        })
+    })
 }
 
 /// Pixels of the next kernel call: a full tile while enough remain, then tiles of four (their unused pixels
