@@ -211,7 +211,7 @@ fn describe_content(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::resize;
-    use super::super::testing::{encode, fixture, red};
+    use super::super::testing::{encode, fixture, red, shared_jpegs};
     use super::*;
     use image::{GenericImageView, ImageFormat, Rgb, RgbImage};
 
@@ -237,27 +237,6 @@ mod tests {
         let err = decode(&png, true).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { width: 50_000, height: 50_000 }), "{err}");
         assert_eq!(err.to_string(), "image of 50000x50000 pixels is larger than the limit of 16384x16384");
-    }
-
-    /// The photos beside the project, or None with a message when a clone
-    /// alone does not have them.
-    fn shared_jpegs(dirs: &[&str]) -> Option<Vec<(String, Vec<u8>)>> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-        if !root.is_dir() {
-            eprintln!("skipped: {} is absent", root.display());
-            return None;
-        }
-        let mut jpegs = vec![];
-        for dir in dirs {
-            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
-                let path = entry.unwrap().path();
-                let bytes = std::fs::read(&path).unwrap();
-                if bytes.starts_with(&[0xFF, 0xD8]) {
-                    jpegs.push((path.display().to_string(), bytes));
-                }
-            }
-        }
-        Some(jpegs)
     }
 
     /// A baseline JPEG with detail in every block, so each cut loses pixels.

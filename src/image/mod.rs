@@ -62,6 +62,27 @@ mod testing {
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (fixtures/make_images.py makes it)"))
     }
 
+    /// The photos beside the project, or None with a message when a clone
+    /// alone does not have them.
+    pub fn shared_jpegs(dirs: &[&str]) -> Option<Vec<(String, Vec<u8>)>> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+        if !root.is_dir() {
+            eprintln!("skipped: {} is absent", root.display());
+            return None;
+        }
+        let mut jpegs = vec![];
+        for dir in dirs {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap();
+                if bytes.starts_with(&[0xFF, 0xD8]) {
+                    jpegs.push((path.display().to_string(), bytes));
+                }
+            }
+        }
+        Some(jpegs)
+    }
+
     pub fn red(width: u32, height: u32) -> DynamicImage {
         DynamicImage::ImageRgb8(RgbImage::from_pixel(width, height, Rgb([220, 20, 20])))
     }
