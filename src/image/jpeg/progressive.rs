@@ -591,6 +591,12 @@ fn ac_refine(
             // coefficients passed on the way take a correction bit each.
             let ahead = band & (u64::MAX << k);
             let mut zeros = ahead & !*nonzero;
+            // Most runs are short: their first zeros are cleared without a
+            // branch to mispredict, the rest in a loop.
+            for i in 0..3 {
+                zeros &= zeros.wrapping_sub(u64::from(run > i));
+            }
+            run = run.saturating_sub(3);
             while run > 0 {
                 zeros &= zeros.wrapping_sub(1);
                 run -= 1;
