@@ -100,7 +100,7 @@ pub struct Args {
     pub timeout: f64,
 
     /// Most downloads in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
 
     /// Most images per inference batch.
