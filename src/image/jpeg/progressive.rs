@@ -396,6 +396,7 @@ fn decode_scan(
     }
     let walk = Walk { mcus_per_row, mcu_rows, restart_interval, data, intervals };
     let (start, end, low) = (scan.start, scan.end, scan.low);
+    let band = Band { start, end, low };
     let refine = scan.high != 0;
     if !single {
         // Interleaved scans are DC scans (read_scan refuses others).
@@ -431,11 +432,11 @@ fn decode_scan(
         }),
         (false, false, _, Some(table)) => walk.run(|bits, state, row, column| {
             let at = row * stride + column;
-            ac_first(bits, table, start, end, low, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
+            ac_first(bits, table, band, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
         }),
         (false, true, _, Some(table)) => walk.run(|bits, state, row, column| {
             let at = row * stride + column;
-            ac_refine(bits, table, start, end, low, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
+            ac_refine(bits, table, band, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
         }),
         _ => Err("a scan without its table".into()),
     }
@@ -516,15 +517,21 @@ fn dc_refine(bits: &mut Bits, low: u32, block: &mut [i16; 64]) {
     }
 }
 
+/// An AC scan's band, zigzag positions `start..=end`, and the bit its
+/// values are shifted to (Al).
+#[derive(Clone, Copy)]
+struct Band {
+    start: usize,
+    end: usize,
+    low: u32,
+}
+
 /// jdphuff.c, decode_mcu_AC_first.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn ac_first(
     bits: &mut Bits,
     table: &Huffman,
-    start: usize,
-    end: usize,
-    low: u32,
+    Band { start, end, low }: Band,
     eobrun: &mut u32,
     block: &mut [i16; 64],
     nonzero: &mut u64,
@@ -558,14 +565,11 @@ fn ac_first(
 
 /// jdphuff.c, decode_mcu_AC_refine, with the band's nonzero coefficients
 /// found from the block's mask rather than by walking the band.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn ac_refine(
     bits: &mut Bits,
     table: &Huffman,
-    start: usize,
-    end: usize,
-    low: u32,
+    Band { start, end, low }: Band,
     eobrun: &mut u32,
     block: &mut [i16; 64],
     nonzero: &mut u64,
