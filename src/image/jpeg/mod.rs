@@ -187,11 +187,51 @@ mod tests {
                 let jpeg = compressor.compress_to_vec(image).unwrap();
                 let name = format!("{width}x{height} {subsamp:?}");
                 assert_same_pixels(&name, &jpeg, 1);
-                assert_same_pixels(&name, &jpeg, 2);
+                assert_same_pixels(&name, &jpeg, [2, 4, 8][(s + k) % 3]);
                 files += 1;
             }
         }
         assert_eq!(files, shapes.len() * subsamplings.len());
+    }
+
+    /// The contract, on thousands of damaged files: the progressive path
+    /// gives libjpeg-turbo's pixels or leaves the file to it, and never
+    /// decodes what libjpeg-turbo would refuse or warn about.
+    #[test]
+    fn damaged_progressive_files_get_libjpeg_turbos_pixels_or_go_to_it() {
+        let mut state = 0x2545_F491u32;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let budget = 64 << 20;
+        let (mut decoded, mut left) = (0, 0);
+        for name in ["progressive.jpg", "progressive_restarts.jpg"] {
+            let jpeg = fixture(name);
+            for variant in 0..1500 {
+                let mut damaged = jpeg.clone();
+                let at = next() as usize % damaged.len();
+                match next() % 3 {
+                    0 => damaged[at] ^= 1 << (next() % 8),
+                    1 => damaged[at] = next() as u8,
+                    _ => damaged.insert(at, next() as u8),
+                }
+                let Ok(ours) = progressive_or_why(&damaged, 1, budget) else {
+                    left += 1;
+                    continue;
+                };
+                let theirs = decode_or_why(&damaged, 1, true, budget).unwrap_or_else(|why| {
+                    panic!("{name}, variant {variant}: decoded what libjpeg-turbo refuses ({why})")
+                });
+                assert!(ours == theirs, "{name}, variant {variant}: other pixels than libjpeg-turbo's");
+                decoded += 1;
+            }
+        }
+        // Most damage lands in the scans' data, where a flipped bit can
+        // still be a valid file; the rest is refused.
+        assert!(decoded > 300 && left > 300, "{decoded} decoded, {left} left to libjpeg-turbo");
     }
 
     #[test]
@@ -226,6 +266,21 @@ mod tests {
         let why = progressive::decode(&short, u64::MAX).err().unwrap();
         assert!(why.contains("unrefined"), "{why}");
         assert!(decode(&short, 1, true, u64::MAX).is_some(), "libjpeg-turbo decodes it, smoothed");
+        // An ICC profile of chunk 2 of 1: libjpeg-turbo warns as it reads the header.
+        let icc = [&[0xFF, 0xE2, 0, 16][..], b"ICC_PROFILE\0", &[2, 1]].concat();
+        let bogus_icc = [&jpeg[..2], &icc, &jpeg[2..]].concat();
+        assert!(decode_or_why(&bogus_icc, 1, true, u64::MAX).is_err());
+        let why = progressive_or_why(&bogus_icc, 1, u64::MAX).err().unwrap();
+        assert!(why.contains("ICC"), "{why}");
+        // The first (DC) scan's components listed backwards: libjpeg refuses it.
+        let first_scan = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        assert_eq!(jpeg[first_scan + 4], 3, "an interleaved first scan");
+        let mut backwards = jpeg.clone();
+        backwards.copy_within(first_scan + 5..first_scan + 7, first_scan + 9);
+        backwards[first_scan + 5..first_scan + 7].copy_from_slice(&jpeg[first_scan + 9..first_scan + 11]);
+        assert!(decode_or_why(&backwards, 1, true, u64::MAX).is_err());
+        let why = progressive::decode(&backwards, u64::MAX).err().unwrap();
+        assert!(why.contains("out of the frame's order"), "{why}");
         // Over the budget: the coefficients are not allocated.
         let why = progressive::decode(&jpeg, 1000).err().unwrap();
         assert!(why.contains("over the budget"), "{why}");

@@ -13,12 +13,14 @@
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "jpeglib.h"
 
-/* The head of libjpeg's entropy decoder (jpegint.h), the same since
- * libjpeg 6: only decode_mcu is replaced. */
+/* The head of libjpeg's entropy decoder (jpegint.h of the libjpeg-turbo
+ * 3.1.0 that turbojpeg-sys 1.2 bundles; the same since libjpeg 6): only
+ * decode_mcu is replaced. A turbojpeg-sys update must check it. */
 struct entropy_head {
   void (*start_pass)(j_decompress_ptr cinfo);
   boolean (*decode_mcu)(j_decompress_ptr cinfo, JBLOCKROW *MCU_data);
@@ -102,7 +104,16 @@ int classifier_pixels_from_coefficients(const unsigned char *header, unsigned lo
   }
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, header, header_length);
+  /* As tj3DecompressHeader does: an ICC profile it cannot put together is a
+   * warning, which sends the file elsewhere. Every APP2 segment before the
+   * first scan is in the header. */
+  jpeg_save_markers(&cinfo, JPEG_APP0 + 2, 0xFFFF);
   jpeg_read_header(&cinfo, TRUE);
+  {
+    JOCTET *icc = NULL;
+    unsigned int icc_length = 0;
+    if (jpeg_read_icc_profile(&cinfo, &icc, &icc_length)) free(icc);
+  }
   if (cinfo.progressive_mode || cinfo.arith_code || cinfo.data_precision != 8 ||
       cinfo.num_components != planes->components || cinfo.comps_in_scan != planes->components) {
     snprintf(session.message, JMSG_LENGTH_MAX, "a header unlike the file's");

@@ -140,6 +140,9 @@ pub fn decode(bytes: &[u8], budget: u64) -> Result<Coefficients, String> {
                 pos = next;
                 continue;
             }
+            // libjpeg reads a JFIF segment wherever it is, and may warn;
+            // after the first scan, the header handed on would lack it.
+            0xE0 if scans > 0 => return Err("an APP0 segment after the first scan".into()),
             0xDB | 0xE0..=0xEF | 0xFE => {}
             _ => return Err(format!("a marker {code:#X}")),
         }
@@ -294,8 +297,10 @@ fn read_scan(
     let mut components = Vec::with_capacity(count);
     for spec in rest[..2 * count].chunks_exact(2) {
         let index = frame.components.iter().position(|c| c.id == spec[0]).ok_or("a scan of an unknown component")?;
-        if components.iter().any(|(i, _, _)| *i == index) {
-            return Err("a component twice in a scan".into());
+        // libjpeg takes an interleaved scan's components in the frame's
+        // order only, and some other orders (jdmarker.c, get_sos).
+        if components.last().is_some_and(|(last, _, _)| *last >= index) {
+            return Err("a scan's components out of the frame's order".into());
         }
         let (dc, ac) = (usize::from(spec[1] >> 4), usize::from(spec[1] & 15));
         if dc > 3 || ac > 3 {
@@ -551,7 +556,8 @@ fn ac_first(
             }
             let value = ((extend(bits.take(size), size) as u32) << low) as i16;
             block[NATURAL[k & 63]] = value;
-            *nonzero |= u64::from(value != 0) << k;
+            // A band coded twice may overwrite a coefficient, even with 0.
+            *nonzero = *nonzero & !(1 << k) | u64::from(value != 0) << k;
         } else if run == 15 {
             k += 15;
         } else {
