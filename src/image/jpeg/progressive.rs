@@ -322,6 +322,12 @@ fn read_scan(
             if high as i32 != (*bits).max(0) {
                 return Err("a scan out of order".into());
             }
+            // libjpeg takes a first scan of coefficients known to bit 0 again,
+            // and would overwrite them, maybe with 0, which the masks of
+            // nonzero coefficients are not kept for.
+            if high == 0 && *bits >= 0 {
+                return Err("a band's first scan coded twice".into());
+            }
             *bits = low as i32;
         }
         components.push((index, dc, ac));
@@ -556,8 +562,8 @@ fn ac_first(
             }
             let value = ((extend(bits.take(size), size) as u32) << low) as i16;
             block[NATURAL[k & 63]] = value;
-            // A band coded twice may overwrite a coefficient, even with 0.
-            *nonzero = *nonzero & !(1 << k) | u64::from(value != 0) << k;
+            // Set once: read_scan refuses a band's first scan coded again.
+            *nonzero |= u64::from(value != 0) << k;
         } else if run == 15 {
             k += 15;
         } else {
