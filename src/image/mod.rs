@@ -56,6 +56,17 @@ mod testing {
         out.into_inner()
     }
 
+    /// Reproducible pseudo-random numbers (xorshift32) for test inputs.
+    pub fn numbers(seed: u32) -> impl FnMut() -> u32 {
+        let mut state = seed | 1;
+        move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        }
+    }
+
     /// A file of the project's own `fixtures/`.
     pub fn fixture(name: &str) -> Vec<u8> {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/").to_owned() + name;

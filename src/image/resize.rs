@@ -366,7 +366,7 @@ fn sideways_tile(lines: [&[u8; 16]; BLOCK], out: &mut [u8; 16 * BLOCK]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{encode, red};
+    use super::super::testing::{encode, numbers, red};
     use super::*;
     use crate::image::{Decoding, prepare};
     use image::{ImageFormat, RgbImage};
@@ -393,13 +393,8 @@ mod tests {
     fn rows_in_blocks_match_rows_one_by_one() {
         // Widths around the 16-byte tiles of the transpose, heights around
         // the eight-row blocks, reductions and enlargements.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut byte = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 56) as u8
-        };
+        let mut next = numbers(0x9e37_79b9);
+        let mut byte = move || (next() >> 24) as u8;
         for (in_width, height, out_width) in
             [(1, 8, 3), (5, 9, 2), (6, 16, 5), (21, 7, 8), (37, 17, 224), (300, 24, 224), (1201, 33, 224)]
         {

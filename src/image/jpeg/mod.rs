@@ -54,8 +54,7 @@ fn progressive_or_why(bytes: &[u8], reduction: u32, budget: u64) -> Result<RgbIm
     let coefficients = progressive::decode(bytes, budget)?;
     let (width, height, pixels) = pixels::rgb(&coefficients, reduction as usize)?;
     drop(coefficients);
-    let size = |side: usize| u32::try_from(side).map_err(|_| format!("a side of {side} pixels"));
-    RgbImage::from_raw(size(width)?, size(height)?, pixels).ok_or_else(|| "no room for the pixels".into())
+    rgb_image(width, height, pixels)
 }
 
 fn decode_or_why(bytes: &[u8], reduction: u32, multi_scan: bool, budget: u64) -> Result<RgbImage, String> {
@@ -81,8 +80,13 @@ fn decode_or_why(bytes: &[u8], reduction: u32, multi_scan: bool, budget: u64) ->
     let mut output =
         Image { pixels: vec![0; width * height * 3], width, pitch: width * 3, height, format: PixelFormat::RGB };
     decompressor.decompress(bytes, output.as_deref_mut()).map_err(|e| e.to_string())?;
+    rgb_image(width, height, output.pixels)
+}
+
+/// Decoded RGB rows as the image crate's image.
+fn rgb_image(width: usize, height: usize, pixels: Vec<u8>) -> Result<RgbImage, String> {
     let size = |side: usize| u32::try_from(side).map_err(|_| format!("a side of {side} pixels"));
-    RgbImage::from_raw(size(width)?, size(height)?, output.pixels).ok_or_else(|| "no room for the pixels".into())
+    RgbImage::from_raw(size(width)?, size(height)?, pixels).ok_or_else(|| "no room for the pixels".into())
 }
 
 /// What a decode allocates at most, near enough to bound it: the RGB output,
@@ -116,7 +120,7 @@ fn memory(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{fixture, shared_jpegs};
+    use super::super::testing::{fixture, numbers, shared_jpegs};
     use super::*;
 
     /// The progressive decoder's pixels, which must be libjpeg-turbo's own.
@@ -154,16 +158,13 @@ mod tests {
 
     /// Noise over gradients, so that every block has coefficients to refine.
     fn noisy(width: usize, height: usize, seed: usize) -> Vec<u8> {
-        let mut state = seed as u32 | 1;
+        let mut next = numbers(seed as u32);
         let mut pixels = Vec::with_capacity(width * height * 3);
         for y in 0..height {
             for x in 0..width {
                 for channel in 0..3 {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
                     let smooth = (x * 255 / width.max(2) + y * 100 / height.max(2) + channel * 70) as u32;
-                    pixels.push((smooth + state % 64) as u8);
+                    pixels.push((smooth + next() % 64) as u8);
                 }
             }
         }
@@ -199,13 +200,7 @@ mod tests {
     /// decodes what libjpeg-turbo would refuse or warn about.
     #[test]
     fn damaged_progressive_files_get_libjpeg_turbos_pixels_or_go_to_it() {
-        let mut state = 0x2545_F491u32;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state
-        };
+        let mut next = numbers(0x2545_F491);
         let budget = 64 << 20;
         let (mut decoded, mut left) = (0, 0);
         for name in ["progressive.jpg", "progressive_restarts.jpg"] {
