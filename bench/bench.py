@@ -49,6 +49,9 @@ TASK5 = ["phalacrocorax_varius.jpg", "galerida_cristata.jpg", "eumomota_supercil
 def make_handler(delay, rate):
     class Handler(http.server.SimpleHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # As static hosts do: with Nagle on, the end of each write on a kept-alive
+        # connection waited up to 40 ms for the client's delayed ACK.
+        disable_nagle_algorithm = True
 
         def __init__(self, *a, **kw):
             super().__init__(*a, directory=str(FIXTURES), **kw)
