@@ -39,11 +39,16 @@ enum Variant {
     Portable,
     Avx2,
     Avx512,
+    /// Avx512, with 3x3 interiors in groups of 64 channels on `vpdpbusd`.
+    Vnni,
 }
 
 impl Variant {
     fn best() -> Variant {
-        [Variant::Avx512, Variant::Avx2].into_iter().find(|variant| variant.available()).unwrap_or(Variant::Portable)
+        [Variant::Vnni, Variant::Avx512, Variant::Avx2]
+            .into_iter()
+            .find(|variant| variant.available())
+            .unwrap_or(Variant::Portable)
     }
 
     fn available(self) -> bool {
@@ -53,6 +58,8 @@ impl Variant {
             Variant::Avx2 => is_x86_feature_detected!("avx2"),
             #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+            #[cfg(target_arch = "x86_64")]
+            Variant::Vnni => Variant::Avx512.available() && is_x86_feature_detected!("avx512vnni"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -65,6 +72,101 @@ struct Clamp {
     low: f32,
     high: f32,
     magic_minus_zero: i32,
+}
+
+/// Blocks of `LANES` channels in one group of [`Wide`].
+const GROUP_BLOCKS: usize = 4;
+/// Channels in one group of [`Wide`]: one 64-byte load of a pixel.
+const GROUP: usize = GROUP_BLOCKS * LANES;
+
+/// A 3x3 kernel's interior on `vpdpbusd`, 64 channels at a time. The three
+/// rows of one input column, channel by channel, make the four bytes that a
+/// lane of `vpdpbusd` multiplies and sums, so that one instruction does a
+/// column of taps for 16 channels, and a column, once arranged, serves every
+/// output whose window holds it (three at stride 1).
+///
+/// `vpdpbusd` multiplies unsigned bytes by signed ones. A weight `v = w -
+/// weight_zero` may not fit a signed byte, but `v + c` fits an unsigned one
+/// for some `c` in 0..=255 when the zero point lies within the channel's
+/// weights (a channel's weights span at most 255), so the weights go in as
+/// `v + c` and the inputs as `x - 128`:
+/// `sum v x = sum (v + c)(x - 128) - c sum (x - 128) + 128 sum v`.
+///
+/// The lanes are not the channels in order: arranging the bytes with
+/// interleaves within 128-bit lanes puts channel `16 k + 4 j + m` in lane
+/// `4 k + m` of the `j`th of a group's four vectors, and the same interleaves
+/// run backwards (the packs that narrow the results) put the bytes back in
+/// order. Every table below is in that order.
+#[derive(Debug, Default)]
+struct Wide {
+    /// Whole groups of 64 channels; 0 where the geometry is not a 3x3 kernel
+    /// at stride 1 or 2.
+    groups: usize,
+    /// `v + c` by [group * 4 + j][kx]: four bytes a lane, the rows ky = 0, 1, 2
+    /// and a zero.
+    weights: Vec<[[u8; GROUP]; 3]>,
+    /// `c` by [group * 4 + j], as the weights are: for the rows' sum times `c` in one `vpdpbusd`.
+    shift: Vec<[u8; GROUP]>,
+    /// The interior's bias plus `128 sum v`, by [group * 4 + j].
+    bias: Vec<[i32; LANES]>,
+    scale: Vec<[f32; LANES]>,
+}
+
+impl Wide {
+    /// `weights`: `w - weight_zero` by [tap][channel]; `bias` and `scale`: the interior's, by block of `LANES`.
+    fn new(geometry: &Geometry, weights: &[i16], bias: &[[i32; LANES]], scale: &[[f32; LANES]]) -> Wide {
+        let channels = geometry.channels;
+        let strides = 1..=2;
+        if geometry.kernel != (3, 3) || !strides.contains(&geometry.stride.0) || !strides.contains(&geometry.stride.1) {
+            return Wide::default();
+        }
+        let weight = |tap: usize, channel: usize| i32::from(weights[tap * channels + channel]);
+        // `c`: as small as keeps every `v + c` at 0 or more, and never below 0 (it is an unsigned byte too).
+        let shift = |channel: usize| (0..9).map(|tap| -weight(tap, channel)).max().unwrap_or(0).max(0);
+        let spans_a_byte =
+            |channel: usize| shift(channel) <= 255 && (0..9).all(|tap| weight(tap, channel) + shift(channel) <= 255);
+        // Any channel of u8 or i8 weights less a zero point within their range does; the check keeps others out.
+        let groups = (0..channels / GROUP).take_while(|g| (g * GROUP..(g + 1) * GROUP).all(spans_a_byte)).count();
+        let channel = |vector: usize, lane: usize| {
+            let (group, j) = (vector / GROUP_BLOCKS, vector % GROUP_BLOCKS);
+            group * GROUP + 16 * (lane / 4) + 4 * j + lane % 4
+        };
+        let vectors = groups * GROUP_BLOCKS;
+        let weights = (0..vectors)
+            .map(|vector| {
+                std::array::from_fn(|kx| {
+                    std::array::from_fn(|byte| {
+                        let (lane, ky) = (byte / 4, byte % 4);
+                        let c = channel(vector, lane);
+                        if ky == 3 { 0 } else { (weight(ky * 3 + kx, c) + shift(c)) as u8 }
+                    })
+                })
+            })
+            .collect();
+        let shift = (0..vectors)
+            .map(|vector| {
+                std::array::from_fn(|byte| if byte % 4 == 3 { 0 } else { shift(channel(vector, byte / 4)) as u8 })
+            })
+            .collect();
+        let bias = (0..vectors)
+            .map(|vector| {
+                std::array::from_fn(|lane| {
+                    let c = channel(vector, lane);
+                    let sum = (0..9).fold(0i32, |sum, tap| sum.wrapping_add(weight(tap, c)));
+                    bias[c / LANES][c % LANES].wrapping_add(sum.wrapping_mul(128))
+                })
+            })
+            .collect();
+        let scale = (0..vectors)
+            .map(|vector| {
+                std::array::from_fn(|lane| {
+                    let c = channel(vector, lane);
+                    scale[c / LANES][c % LANES]
+                })
+            })
+            .collect();
+        Wide { groups, weights, shift, bias, scale }
+    }
 }
 
 #[derive(Debug)]
@@ -85,6 +187,8 @@ pub struct Depthwise {
     block_scale: Vec<[f32; LANES]>,
     /// Bytes from a window's first tap to each tap, in tap order.
     tap_offsets: Vec<usize>,
+    /// The 3x3 interiors' groups of 64 channels, for [`Variant::Vnni`].
+    wide: Wide,
     /// Output rows and columns whose windows lie wholly inside the input.
     rows: Range<usize>,
     columns: Range<usize>,
@@ -153,7 +257,7 @@ impl Depthwise {
             .flat_map(|block| (0..taps).map(move |tap| (block, tap)))
             .map(|(block, tap)| std::array::from_fn(|lane| weights[tap * channels + block * LANES + lane]))
             .collect();
-        let block_bias = (0..blocks)
+        let block_bias: Vec<[i32; LANES]> = (0..blocks)
             .map(|block| {
                 lanes(block, &|channel| {
                     let weight_sum =
@@ -162,7 +266,7 @@ impl Depthwise {
                 })
             })
             .collect();
-        let block_scale =
+        let block_scale: Vec<[f32; LANES]> =
             (0..blocks).map(|block| std::array::from_fn(|lane| requantize.scale[block * LANES + lane])).collect();
         let (input_h, input_w) = geometry.input;
         let tap_offsets = (0..geometry.kernel.0)
@@ -175,9 +279,11 @@ impl Depthwise {
             high: (i32::from(requantize.high) - output_zero) as f32,
             magic_minus_zero: MAGIC_BITS - output_zero,
         };
+        let wide = Wide::new(&geometry, &weights, &block_bias, &block_scale);
         Ok(Depthwise {
             geometry,
             variant: Variant::best(),
+            wide,
             input_zero,
             weights,
             bias: bias.to_vec(),
@@ -209,6 +315,9 @@ impl Depthwise {
             // SAFETY: `Avx512` is only chosen after `available()` detected avx512f and avx512bw.
             #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => unsafe { self.run_avx512(input, output) },
+            // SAFETY: `Vnni` is only chosen after `available()` detected avx512f, avx512bw and avx512vnni.
+            #[cfg(target_arch = "x86_64")]
+            Variant::Vnni => unsafe { self.run_vnni(input, output) },
             // SAFETY: `Avx2` is only chosen after `available()` detected avx2.
             #[cfg(target_arch = "x86_64")]
             Variant::Avx2 => unsafe { self.run_avx2(input, output) },
@@ -219,7 +328,18 @@ impl Depthwise {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn run_avx512(&self, input: &[u8], output: &mut [u8]) {
-        self.run_any(input, output, |input, output, oy| self.interior_row_avx512(input, output, oy))
+        self.run_any(input, output, |input, output, oy| self.interior_row_avx512(input, output, oy, 0..self.blocks))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn run_vnni(&self, input: &[u8], output: &mut [u8]) {
+        self.run_any(input, output, |input, output, oy| {
+            for group in 0..self.wide.groups {
+                self.interior_group_vnni(input, output, oy, group);
+            }
+            self.interior_row_avx512(input, output, oy, self.wide.groups * GROUP_BLOCKS..self.blocks);
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -379,9 +499,9 @@ mod avx512 {
 
     impl Depthwise {
         #[target_feature(enable = "avx512f,avx512bw")]
-        pub(super) fn interior_row_avx512(&self, input: &[u8], output: &mut [u8], oy: usize) {
+        pub(super) fn interior_row_avx512(&self, input: &[u8], output: &mut [u8], oy: usize, blocks: Range<usize>) {
             let taps = self.tap_offsets.len();
-            for block in 0..self.blocks {
+            for block in blocks {
                 let weights = &self.block_weights[block * taps..][..taps];
                 // A fixed tap count lets LLVM unroll the taps and keep the weights in registers.
                 if let (Ok(weights), Ok(offsets)) =
@@ -485,6 +605,117 @@ mod avx512 {
     }
 }
 
+/// [`Wide`]'s kernel.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// One input column of a group, arranged: the rows' bytes (less 128) four to a lane, and their sum times `c`.
+    #[derive(Clone, Copy)]
+    struct Column {
+        bytes: [__m512i; GROUP_BLOCKS],
+        shifted_sums: [__m512i; GROUP_BLOCKS],
+    }
+
+    impl Depthwise {
+        /// Group `group` of 64 channels over the interior columns of interior output row `oy`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        pub(super) fn interior_group_vnni(&self, input: &[u8], output: &mut [u8], oy: usize, group: usize) {
+            let g = &self.geometry;
+            let (input_w, channels) = (g.input.1, g.channels);
+            let wide = &self.wide;
+            let first = group * GROUP_BLOCKS;
+            let weights: [[__m512i; 3]; GROUP_BLOCKS] =
+                std::array::from_fn(|j| wide.weights[first + j].each_ref().map(|bytes| load_bytes(bytes)));
+            let shift: [__m512i; GROUP_BLOCKS] = std::array::from_fn(|j| load_bytes(&wide.shift[first + j]));
+            let bias: [__m512i; GROUP_BLOCKS] = std::array::from_fn(|j| load_i32(&wide.bias[first + j]));
+            let scale: [__m512; GROUP_BLOCKS] = std::array::from_fn(|j| load_f32(&wide.scale[first + j]));
+            let low = _mm512_set1_ps(self.clamp.low);
+            let high = _mm512_set1_ps(self.clamp.high);
+            let magic = _mm512_set1_ps(MAGIC);
+            let magic_minus_zero = _mm512_set1_epi32(self.clamp.magic_minus_zero);
+            let flip = _mm512_set1_epi8(-128);
+            let top = oy * g.stride.0 - g.pad.0;
+            let column = |ix: usize| -> Column {
+                let row = |ky: usize| {
+                    let at = ((top + ky) * input_w + ix) * channels + group * GROUP;
+                    _mm512_xor_si512(load_bytes(input[at..at + GROUP].try_into().unwrap()), flip)
+                };
+                let (r0, r1, r2, zero) = (row(0), row(1), row(2), _mm512_setzero_si512());
+                let (low01, high01) = (_mm512_unpacklo_epi8(r0, r1), _mm512_unpackhi_epi8(r0, r1));
+                let (low2, high2) = (_mm512_unpacklo_epi8(r2, zero), _mm512_unpackhi_epi8(r2, zero));
+                let bytes = [
+                    _mm512_unpacklo_epi16(low01, low2),
+                    _mm512_unpackhi_epi16(low01, low2),
+                    _mm512_unpacklo_epi16(high01, high2),
+                    _mm512_unpackhi_epi16(high01, high2),
+                ];
+                let shifted_sums = std::array::from_fn(|j| _mm512_dpbusd_epi32(zero, shift[j], bytes[j]));
+                Column { bytes, shifted_sums }
+            };
+            // The last four columns arranged, by column modulo 4: enough for a window's three at strides 1 and 2.
+            let mut ring =
+                [Column { bytes: [_mm512_setzero_si512(); 4], shifted_sums: [_mm512_setzero_si512(); 4] }; 4];
+            let mut next = self.columns.start * g.stride.1 - g.pad.1;
+            for ox in self.columns.clone() {
+                let left = ox * g.stride.1 - g.pad.1;
+                while next < left + 3 {
+                    ring[next % 4] = column(next);
+                    next += 1;
+                }
+                let window = [&ring[left % 4], &ring[(left + 1) % 4], &ring[(left + 2) % 4]];
+                let values: [__m512i; GROUP_BLOCKS] = std::array::from_fn(|j| {
+                    // Two short chains rather than one long one.
+                    let mut sum = bias[j];
+                    for (kx, column) in window.iter().enumerate() {
+                        sum = _mm512_dpbusd_epi32(sum, weights[j][kx], column.bytes[j]);
+                    }
+                    let [a, b, c] = window.map(|column| column.shifted_sums[j]);
+                    let sum = _mm512_sub_epi32(sum, _mm512_add_epi32(_mm512_add_epi32(a, b), c));
+                    // As `requantize`, lane by lane.
+                    let value = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale[j]);
+                    let value = _mm512_min_ps(_mm512_max_ps(value, low), high);
+                    _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(value, magic)), magic_minus_zero)
+                });
+                // Within each 128-bit lane: channels 16k..16k+7, then 16k+8..16k+15, in order.
+                let words = [_mm512_packs_epi32(values[0], values[1]), _mm512_packs_epi32(values[2], values[3])];
+                let bytes = _mm512_packus_epi16(words[0], words[1]);
+                let at = (oy * g.output.1 + ox) * channels + group * GROUP;
+                store_bytes((&mut output[at..at + GROUP]).try_into().unwrap(), bytes);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load_bytes(values: &[u8; GROUP]) -> __m512i {
+        // SAFETY: reads exactly the 64 bytes of `values`.
+        unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load_i32(values: &[i32; LANES]) -> __m512i {
+        // SAFETY: reads exactly the 64 bytes of `values`.
+        unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load_f32(values: &[f32; LANES]) -> __m512 {
+        // SAFETY: reads exactly the 64 bytes of `values`.
+        unsafe { _mm512_loadu_ps(values.as_ptr()) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store_bytes(out: &mut [u8; GROUP], bytes: __m512i) {
+        // SAFETY: writes exactly the 64 bytes of `out`.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), bytes) }
+    }
+}
+
 #[inline(always)]
 fn requantize(sum: i32, scale: f32, clamp: Clamp) -> u8 {
     let value = sum as f32 * scale;
@@ -565,7 +796,7 @@ mod tests {
     use super::super::testing::Rng;
     use super::*;
 
-    const VARIANTS: [Variant; 3] = [Variant::Portable, Variant::Avx2, Variant::Avx512];
+    const VARIANTS: [Variant; 4] = [Variant::Portable, Variant::Avx2, Variant::Avx512, Variant::Vnni];
 
     #[derive(Clone)]
     struct Case {
@@ -719,7 +950,7 @@ mod tests {
         for variant in VARIANTS {
             assert!(variant.available(), "{variant:?} missing: this test machine should exercise every path");
         }
-        assert_eq!(Variant::best(), Variant::Avx512);
+        assert_eq!(Variant::best(), Variant::Vnni);
     }
 
     #[test]
@@ -894,7 +1125,7 @@ mod tests {
                         for pad_x in 0..kernel {
                             let input_size = (input, (input + pad_x) % 9 + 1);
                             let geometry = Geometry {
-                                channels: rng.pick(&[1, 3, 16, 17, 33]),
+                                channels: rng.pick(&[1, 3, 16, 17, 33, 64, 96]),
                                 input: input_size,
                                 output: (
                                     largest_output(input_size.0, stride_y, pad_y),
@@ -926,7 +1157,7 @@ mod tests {
             let largest = (largest_output(input.0, stride.0, pad.0), largest_output(input.1, stride.1, pad.1));
             let output =
                 (1 + rng.below(largest.0), if rng.below(2) == 0 { largest.1 } else { 1 + rng.below(largest.1) });
-            let channels = rng.pick(&[1, 3, 16, 17, 32, 33, 144]);
+            let channels = rng.pick(&[1, 3, 16, 17, 32, 33, 64, 144]);
             let geometry = Geometry { channels, input, output, kernel, stride, pad };
             let extreme = rng.below(4) == 0;
             random_case(&mut rng, geometry, extreme).check();
@@ -1025,8 +1256,8 @@ mod tests {
             (14, 576, 2),
             (7, 960, 1),
         ];
-        println!("{:>22} {:>10} {:>10} {:>10}", "input, channels, stride", "portable", "avx2", "avx512");
-        let mut totals = [0.0; 3];
+        println!("{:>22} {:>10} {:>10} {:>10} {:>10}", "input, channels, stride", "portable", "avx2", "avx512", "vnni");
+        let mut totals = [0.0; VARIANTS.len()];
         for (size, channels, stride) in shapes {
             let output = size.div_ceil(stride);
             let geometry = same_3x3(size, channels, stride);
@@ -1056,6 +1287,6 @@ mod tests {
             }
             println!("{line}");
         }
-        println!("{:>22} {:>10.1} {:>10.1} {:>10.1}", "total", totals[0], totals[1], totals[2]);
+        println!("{:>22} {:>10.1} {:>10.1} {:>10.1} {:>10.1}", "total", totals[0], totals[1], totals[2], totals[3]);
     }
 }
