@@ -585,14 +585,14 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn load_i32(values: &[i32; LANES]) -> __m512i {
+    pub(super) fn load_i32(values: &[i32; LANES]) -> __m512i {
         // SAFETY: reads exactly the 64 bytes of `values`.
         unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn load_f32(values: &[f32; LANES]) -> __m512 {
+    pub(super) fn load_f32(values: &[f32; LANES]) -> __m512 {
         // SAFETY: reads exactly the 64 bytes of `values`.
         unsafe { _mm512_loadu_ps(values.as_ptr()) }
     }
@@ -608,6 +608,7 @@ mod avx512 {
 /// [`Wide`]'s kernel.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
+    use super::avx512::{load_f32, load_i32};
     use super::*;
     use std::arch::x86_64::*;
 
@@ -692,20 +693,6 @@ mod vnni {
     fn load_bytes(values: &[u8; GROUP]) -> __m512i {
         // SAFETY: reads exactly the 64 bytes of `values`.
         unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn load_i32(values: &[i32; LANES]) -> __m512i {
-        // SAFETY: reads exactly the 64 bytes of `values`.
-        unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn load_f32(values: &[f32; LANES]) -> __m512 {
-        // SAFETY: reads exactly the 64 bytes of `values`.
-        unsafe { _mm512_loadu_ps(values.as_ptr()) }
     }
 
     #[target_feature(enable = "avx512f")]
