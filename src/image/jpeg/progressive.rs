@@ -428,14 +428,14 @@ fn decode_scan(
             dc_refine(bits, low, &mut blocks[row * stride + column]);
             Ok(())
         }),
-        (false, false, _, Some(table)) => first_scan(&walk, table, band, stride, blocks, nonzero),
-        (false, true, _, Some(table)) => refine_scan(&walk, table, band, stride, blocks, nonzero),
+        (false, false, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_first),
+        (false, true, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_refine),
         _ => Err("a scan without its table".into()),
     }
 }
 
 /// An interleaved DC scan's first bits, in a function of its own as
-/// [`refine_scan`] is.
+/// [`band_scan`] is.
 #[inline(never)]
 fn dc_first_scan(walk: &Walk, scan: &Scan, components: &mut [Component], low: u32) -> Result<(), String> {
     walk.run(|bits, state, row, column| {
@@ -454,7 +454,7 @@ fn dc_first_scan(walk: &Walk, scan: &Scan, components: &mut [Component], low: u3
 }
 
 /// An interleaved DC scan's refinement bits, in a function of its own as
-/// [`refine_scan`] is.
+/// [`band_scan`] is.
 #[inline(never)]
 fn dc_refine_scan(walk: &Walk, scan: &Scan, components: &mut [Component], low: u32) -> Result<(), String> {
     walk.run(|bits, _, row, column| {
@@ -470,38 +470,23 @@ fn dc_refine_scan(walk: &Walk, scan: &Scan, components: &mut [Component], low: u
     })
 }
 
-/// An AC band's first scan of one component, in a function of its own as
-/// [`refine_scan`] is.
+/// An AC scan of one component, decoded by `decode` (`ac_first` or
+/// `ac_refine`), in a function of its own for each: inlined into the
+/// function of every scan, the refinement loop, where most of the decoding
+/// time goes, lost registers to the others and was 5% slower.
 #[inline(never)]
-fn first_scan(
+fn band_scan(
     walk: &Walk,
     table: &Huffman,
     band: Band,
     stride: usize,
     blocks: &mut [[i16; 64]],
     nonzero: &mut [u64],
+    decode: impl Fn(&mut Bits, &Huffman, Band, &mut u32, &mut [i16; 64], &mut u64) -> Result<(), Corrupt>,
 ) -> Result<(), String> {
     walk.run(|bits, state, row, column| {
         let at = row * stride + column;
-        ac_first(bits, table, band, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
-    })
-}
-
-/// An AC refinement scan of one component, in a function of its own so that
-/// its loop, where most of the decoding time goes, has the registers to
-/// itself (inlined into the function of every scan, it was 5% slower).
-#[inline(never)]
-fn refine_scan(
-    walk: &Walk,
-    table: &Huffman,
-    band: Band,
-    stride: usize,
-    blocks: &mut [[i16; 64]],
-    nonzero: &mut [u64],
-) -> Result<(), String> {
-    walk.run(|bits, state, row, column| {
-        let at = row * stride + column;
-        ac_refine(bits, table, band, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
+        decode(bits, table, band, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
     })
 }
 
