@@ -286,20 +286,28 @@ impl Gemm {
 
     #[cfg(target_arch = "x86_64")]
     fn run_vnni(&self, input: &[u8], pixels: usize, output: &mut [u8]) {
+        // SAFETY: `Variant::Vnni` is only chosen after detecting avx512f, avx512bw, avx512vl and avx512vnni, the
+        // features `vnni_tiles` is compiled for; `with_variant` asserts it.
+        unsafe { self.vnni_tiles(input, pixels, output) }
+    }
+
+    /// `run_vnni`'s walk over the tiles, compiled for the kernels' features so that the row sums and the kernel
+    /// calls inline into it: as separate calls they cost a fifth of the time of the low-depth layers.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn vnni_tiles(&self, input: &[u8], pixels: usize, output: &mut [u8]) {
         let depth = self.depth;
         let mut row_sums = [0i32; MAX_TILE_PIXELS];
         let mut tails = [0u32; MAX_TILE_PIXELS];
         for (first_pixel, valid, tile_pixels) in tiles(pixels, self.main_tile_pixels) {
             for p in 0..valid {
                 let row = &input[(first_pixel + p) * depth..(first_pixel + p + 1) * depth];
-                // SAFETY: `Variant::Vnni` is only chosen on CPUs with the features `vnni_row_sum` is compiled for.
-                row_sums[p] = if self.needs_row_sums { unsafe { vnni_row_sum(row) } } else { 0 };
+                row_sums[p] = if self.needs_row_sums { vnni_row_sum(row) } else { 0 };
                 tails[p] = tail_word(row);
             }
             let tile = Tile { input, first_pixel, valid, row_sums: &row_sums, tails: &tails };
             for &chunk in &self.chunks {
-                // SAFETY: `Variant::Vnni` is only chosen after detecting avx512f, avx512bw, avx512vl and
-                // avx512vnni, the features `vnni_tile` is compiled for; `with_variant` asserts it.
+                // SAFETY: this function's features are those `vnni_dispatch` needs.
                 unsafe { self.vnni_dispatch(tile_pixels, &tile, chunk, output) };
             }
         }
@@ -310,6 +318,7 @@ impl Gemm {
     /// # Safety
     /// The CPU must support avx512f, avx512bw, avx512vl and avx512vnni.
     #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
     unsafe fn vnni_dispatch(&self, tile_pixels: usize, tile: &Tile, chunk: Chunk, output: &mut [u8]) {
         macro_rules! pick {
             ($($pixels:literal),*) => {
@@ -402,20 +411,23 @@ fn vnni_tile<const PIXELS: usize, const VECTORS: usize>(
     let weights = &gemm.packed[first_block * block_len..(first_block + VECTORS) * block_len];
     let direct_bytes = direct_read_len(depth);
     let full_groups = direct_bytes / GROUP;
-    let rows: [&[u8]; PIXELS] = std::array::from_fn(|p| {
+    // Loops of constant length rather than `std::array::from_fn`, whose closures LLVM left as calls.
+    let mut rows: [&[u8]; PIXELS] = [&[]; PIXELS];
+    for (p, row) in rows.iter_mut().enumerate() {
         let pixel = tile.first_pixel + p.min(tile.valid - 1);
-        &tile.input[pixel * depth..pixel * depth + direct_bytes]
-    });
+        *row = &tile.input[pixel * depth..pixel * depth + direct_bytes];
+    }
 
     let mut sums = [[_mm512_setzero_si512(); VECTORS]; PIXELS];
     for group in 0..full_groups {
         debug_assert!((group + 1) * GROUP <= direct_bytes);
         debug_assert!((VECTORS - 1) * block_len + (group + 1) * GROUP_BYTES <= weights.len());
-        let w: [__m512i; VECTORS] = std::array::from_fn(|v| {
+        let mut w = [_mm512_setzero_si512(); VECTORS];
+        for (v, w) in w.iter_mut().enumerate() {
             // SAFETY: group < full_groups <= groups(depth), so this 64-byte read ends within block v of the
             // chunk, at most (v + 1) * block_len <= weights.len().
-            unsafe { _mm512_loadu_si512(weights.as_ptr().add(v * block_len + group * GROUP_BYTES).cast()) }
-        });
+            *w = unsafe { _mm512_loadu_si512(weights.as_ptr().add(v * block_len + group * GROUP_BYTES).cast()) };
+        }
         for (row, sums) in rows.iter().zip(sums.iter_mut()) {
             // SAFETY: (group + 1) * GROUP <= direct_bytes == row.len(), so all four bytes are in the row.
             let x = unsafe { row.as_ptr().add(group * GROUP).cast::<i32>().read_unaligned() };
@@ -428,11 +440,12 @@ fn vnni_tile<const PIXELS: usize, const VECTORS: usize>(
     if direct_bytes < depth {
         let group = full_groups;
         debug_assert!((VECTORS - 1) * block_len + (group + 1) * GROUP_BYTES <= weights.len());
-        let w: [__m512i; VECTORS] = std::array::from_fn(|v| {
+        let mut w = [_mm512_setzero_si512(); VECTORS];
+        for (v, w) in w.iter_mut().enumerate() {
             // SAFETY: a partial last group is counted in groups(depth), so its 64 bytes end within block v,
             // at most (v + 1) * block_len <= weights.len().
-            unsafe { _mm512_loadu_si512(weights.as_ptr().add(v * block_len + group * GROUP_BYTES).cast()) }
-        });
+            *w = unsafe { _mm512_loadu_si512(weights.as_ptr().add(v * block_len + group * GROUP_BYTES).cast()) };
+        }
         for (p, sums) in sums.iter_mut().enumerate() {
             let x = _mm512_set1_epi32(tile.tails[p.min(tile.valid - 1)] as i32);
             for (sum, &w) in sums.iter_mut().zip(&w) {
@@ -657,11 +670,11 @@ fn direct_read_len(depth: usize) -> usize {
 }
 
 /// The row's bytes past `direct_read_len`, zero-padded to a group, little-endian like the row itself.
+#[inline]
 fn tail_word(row: &[u8]) -> u32 {
-    let mut word = [0u8; GROUP];
+    // Byte by byte: a copy of 0 to 3 bytes was a call to `memcpy` for every pixel.
     let tail = &row[direct_read_len(row.len())..];
-    word[..tail.len()].copy_from_slice(tail);
-    u32::from_le_bytes(word)
+    tail.iter().enumerate().fold(0, |word, (i, &b)| word | (b as u32) << (8 * i))
 }
 
 /// Real output channels in `block`; fewer than `LANES` only in the last block.
