@@ -252,8 +252,11 @@ fn sideways(rows: &[u8], row: usize, block: &mut [u8]) {
     let done = {
         let tiles = row / 16 * 16;
         for at in (0..tiles).step_by(16) {
-            let starts: [usize; BLOCK] = std::array::from_fn(|r| r * row + at);
-            let lines = starts.map(|at| <&[u8; 16]>::try_from(&rows[at..at + 16]).expect("16 bytes"));
+            // Loops, not `array::from_fn` or `map`: LLVM left their closures as calls, a tenth of the pass.
+            let mut lines = [&[0u8; 16]; BLOCK];
+            for (r, line) in lines.iter_mut().enumerate() {
+                *line = rows[r * row + at..].first_chunk().expect("16 bytes");
+            }
             let out: &mut [u8; 16 * BLOCK] = (&mut block[at * BLOCK..(at + 16) * BLOCK]).try_into().expect("a tile");
             sideways_tile(lines, out);
         }
@@ -306,22 +309,31 @@ fn upright_tile(tile: &[u8; 16 * BLOCK]) -> [[u8; 16]; BLOCK] {
     // i < 16), each store writes the 16 bytes of one array of `lines`; SSE2
     // is part of x86-64, so every CPU this runs on has it.
     unsafe {
-        let columns: [__m128i; 16] = std::array::from_fn(|i| _mm_loadl_epi64(tile[i * 8..].as_ptr().cast()));
+        // Loops of constant length, not `array::from_fn`, whose closures LLVM left as calls.
+        let mut columns = [_mm_setzero_si128(); 16];
+        for (i, column) in columns.iter_mut().enumerate() {
+            *column = _mm_loadl_epi64(tile[i * 8..].as_ptr().cast());
+        }
         // Columns i and i+1, byte by byte: (i, i+1) for each row.
-        let pairs: [__m128i; 8] = std::array::from_fn(|k| _mm_unpacklo_epi8(columns[2 * k], columns[2 * k + 1]));
+        let mut pairs = [_mm_setzero_si128(); 8];
+        for (k, pair) in pairs.iter_mut().enumerate() {
+            *pair = _mm_unpacklo_epi8(columns[2 * k], columns[2 * k + 1]);
+        }
         // Columns 4q..4q+3 for rows 0-3, then for rows 4-7.
-        let quads: [__m128i; 8] = std::array::from_fn(|j| {
+        let mut quads = [_mm_setzero_si128(); 8];
+        for (j, quad) in quads.iter_mut().enumerate() {
             let (q, high) = (j / 2, j % 2 == 1);
             let (a, b) = (pairs[2 * q], pairs[2 * q + 1]);
-            if high { _mm_unpackhi_epi16(a, b) } else { _mm_unpacklo_epi16(a, b) }
-        });
+            *quad = if high { _mm_unpackhi_epi16(a, b) } else { _mm_unpacklo_epi16(a, b) };
+        }
         // Columns 8h..8h+7 for rows (2p, 2p+1), p = 0..3, h = 0, 1.
-        let eights: [__m128i; 8] = std::array::from_fn(|j| {
+        let mut eights = [_mm_setzero_si128(); 8];
+        for (j, eight) in eights.iter_mut().enumerate() {
             let (h, p) = (j / 4, j % 4);
             // quads[2q] holds rows 0-3 of columns 4q..4q+3, quads[2q+1] rows 4-7.
             let (a, b) = (quads[4 * h + p / 2], quads[4 * h + 2 + p / 2]);
-            if p % 2 == 1 { _mm_unpackhi_epi32(a, b) } else { _mm_unpacklo_epi32(a, b) }
-        });
+            *eight = if p % 2 == 1 { _mm_unpackhi_epi32(a, b) } else { _mm_unpacklo_epi32(a, b) };
+        }
         for p in 0..4 {
             let (low, high) = (eights[p], eights[4 + p]);
             _mm_storeu_si128(lines[2 * p].as_mut_ptr().cast(), _mm_unpacklo_epi64(low, high));
@@ -342,7 +354,10 @@ fn sideways_tile(lines: [&[u8; 16]; BLOCK], out: &mut [u8; 16 * BLOCK]) {
     // the 128 bytes of `out` in eight 16-byte pieces; SSE2 is part of
     // x86-64, so every CPU this runs on has it.
     unsafe {
-        let l = lines.map(|line| _mm_loadu_si128(line.as_ptr().cast()));
+        let mut l = [_mm_setzero_si128(); BLOCK];
+        for (l, line) in l.iter_mut().zip(lines) {
+            *l = _mm_loadu_si128(line.as_ptr().cast());
+        }
         let bytes = [
             _mm_unpacklo_epi8(l[0], l[1]),
             _mm_unpackhi_epi8(l[0], l[1]),
