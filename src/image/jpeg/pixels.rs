@@ -52,13 +52,17 @@ pub fn rgb(coefficients: &Coefficients, reduction: usize) -> Result<(usize, usiz
     }
     // libjpeg rounds a reduced side up (jdmaster.c, jpeg_core_output_dimensions).
     let (width, height) = (coefficients.width.div_ceil(reduction), coefficients.height.div_ceil(reduction));
-    let mut pixels = vec![0u8; width * height * 3];
+    let length = width * height * 3;
+    // Not zeroed first: libjpeg writes every byte, and zeroing a photo's
+    // worth of memory took 1.6% of a corpus run's CPU.
+    let mut pixels = Vec::<u8>::with_capacity(length);
     let mut message = [0 as c_char; 200];
     // SAFETY: the header and planes outlive the call; pixels.c writes at
-    // most width * height * 3 bytes of `pixels` (it checks libjpeg's output
-    // size against width and height first) and at most `message.len()`
-    // bytes of `message`; it reads blocks only within each plane's rows and
-    // blocks_per_row, checked above against the plane's length.
+    // most width * height * 3 bytes from `pixels`' pointer, inside its
+    // capacity (it checks libjpeg's output size against width and height
+    // first), and at most `message.len()` bytes of `message`; it reads
+    // blocks only within each plane's rows and blocks_per_row, checked above
+    // against the plane's length.
     let status = unsafe {
         classifier_pixels_from_coefficients(
             coefficients.header.as_ptr(),
@@ -76,5 +80,8 @@ pub fn rgb(coefficients: &Coefficients, reduction: usize) -> Result<(usize, usiz
         let bytes: Vec<u8> = message.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         return Err(format!("libjpeg-turbo: {}", String::from_utf8_lossy(&bytes)));
     }
+    // SAFETY: status 0 means pixels.c read all `height` rows out of
+    // libjpeg, each `width * 3` bytes written in full: `length` bytes.
+    unsafe { pixels.set_len(length) };
     Ok((width, height, pixels))
 }
