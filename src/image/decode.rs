@@ -70,16 +70,16 @@ pub fn decode_for(
     // silently, and the crate (0.25.10) turns its strict mode off. Strict
     // mode would not be enough either: it checks only between rows of blocks,
     // and let a baseline photo missing its last three bytes through.
-    let scans = match format {
+    let layout = match format {
         ImageFormat::Jpeg => {
-            let scans =
-                jpeg_scans(bytes).map_err(|detail| DecodeError::Truncated { format: format_name.clone(), detail })?;
-            if scans > MAX_JPEG_SCANS {
-                return Err(DecodeError::TooManyScans { scans });
+            let layout =
+                jpeg_layout(bytes).map_err(|detail| DecodeError::Truncated { format: format_name.clone(), detail })?;
+            if layout.scans > MAX_JPEG_SCANS {
+                return Err(DecodeError::TooManyScans { scans: layout.scans });
             }
-            scans
+            Some(layout)
         }
-        _ => 0,
+        _ => None,
     };
     let corrupt = |reason: String| DecodeError::Corrupt { format: format_name.clone(), reason };
     let mut limits = image::Limits::default();
@@ -89,26 +89,34 @@ pub fn decode_for(
     let mut reader = reader;
     reader.limits(limits);
     // Read the dimensions first, so the error can name them, and the
-    // orientation from the same headers.
-    let mut header =
-        ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(|e| corrupt(e.to_string()))?;
-    let (width, height) = header.dimensions();
+    // orientation from the same headers. A JPEG's come from the marker walk:
+    // the image crate's decoder would copy the whole file to read them.
+    let (width, height, orientation) = match &layout {
+        Some(JpegLayout { frame: Some(frame), exif, .. }) => {
+            let orientation = exif.and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+            (u32::from(frame.width), u32::from(frame.height), orientation)
+        }
+        _ => {
+            let mut header = ImageReader::with_format(Cursor::new(bytes), format)
+                .into_decoder()
+                .map_err(|e| corrupt(e.to_string()))?;
+            let orientation = header.orientation().unwrap_or_else(|e| {
+                tracing::debug!("EXIF orientation ignored: {e}");
+                Orientation::NoTransforms
+            });
+            let (width, height) = header.dimensions();
+            (width, height, orientation)
+        }
+    };
     if width > MAX_SIDE || height > MAX_SIDE {
         return Err(DecodeError::TooLarge { width, height });
     }
-    let orientation = match exif_orientation {
-        true => header.orientation().unwrap_or_else(|e| {
-            tracing::debug!("EXIF orientation ignored: {e}");
-            Orientation::NoTransforms
-        }),
-        false => Orientation::NoTransforms,
-    };
-    drop(header);
-    if format == ImageFormat::Jpeg {
+    let orientation = if exif_orientation { orientation } else { Orientation::NoTransforms };
+    if let Some(layout) = &layout {
         // The wanted size is the upright picture's; the stored one may be turned.
         let stored = wanted.map(|(w, h)| if turns_sideways(orientation) { (h, w) } else { (w, h) });
         let reduction = super::jpeg::reduction(width, height, stored);
-        if let Some(rgb) = super::jpeg::decode(bytes, reduction, scans > 1, MAX_DECODE_BYTES) {
+        if let Some(rgb) = super::jpeg::decode(bytes, reduction, layout.scans > 1, MAX_DECODE_BYTES) {
             let mut image = DynamicImage::ImageRgb8(rgb);
             image.apply_orientation(orientation);
             return Ok(image);
@@ -129,6 +137,12 @@ pub fn decode_for(
 /// decode then fails at once. Callers that decode at once hold a budget of
 /// it.
 pub fn decode_memory(bytes: &[u8]) -> u64 {
+    if let Some(frame) = jpeg_frame(bytes) {
+        let pixels = u64::from(frame.width) * u64::from(frame.height);
+        // The image crate decodes a JPEG to grey or to RGB.
+        let decoded = pixels * if frame.components == 1 { 1 } else { 3 };
+        return (decoded + pixels * 3).min(MAX_DECODE_BYTES);
+    }
     let Ok(reader) = ImageReader::new(Cursor::new(bytes)).with_guessed_format() else { return 0 };
     let Ok(decoder) = reader.into_decoder() else { return 0 };
     let (width, height) = decoder.dimensions();
@@ -142,8 +156,75 @@ fn turns_sideways(orientation: Orientation) -> bool {
     matches!(orientation, Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH)
 }
 
-/// How many scans a JPEG has, or where it stops short of its end-of-image
-/// marker if it does.
+/// What a walk over a JPEG's markers learns on its way to the end.
+#[derive(Debug, PartialEq)]
+struct JpegLayout<'a> {
+    scans: usize,
+    /// The first frame header's.
+    frame: Option<Frame>,
+    /// The last APP1 segment of EXIF data, past its "Exif\0\0", as the image
+    /// crate's decoder keeps it.
+    exif: Option<&'a [u8]>,
+}
+
+/// A JPEG frame header's size and component count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Frame {
+    width: u16,
+    height: u16,
+    components: u8,
+}
+
+impl Frame {
+    /// From a start-of-frame segment's contents (after the length).
+    fn parse(segment: &[u8]) -> Option<Frame> {
+        let &[_precision, h1, h0, w1, w0, components, ..] = segment else { return None };
+        Some(Frame { width: u16::from_be_bytes([w1, w0]), height: u16::from_be_bytes([h1, h0]), components })
+    }
+}
+
+/// Whether a marker's code starts a frame: SOF0-3, 5-7, 9-11 and 13-15
+/// (0xC4 defines Huffman tables, 0xC8 is reserved, 0xCC is arithmetic
+/// coding's conditioning).
+fn starts_a_frame(code: u8) -> bool {
+    matches!(code, 0xC0..=0xCF) && !matches!(code, 0xC4 | 0xC8 | 0xCC)
+}
+
+/// The frame header of a JPEG, from the segments before it, for a size
+/// estimate: None if `bytes` is not a JPEG or has no readable frame header
+/// before its first scan.
+fn jpeg_frame(bytes: &[u8]) -> Option<Frame> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return None;
+    }
+    let mut pos = 2;
+    loop {
+        let code_at = next_marker(bytes, pos)?;
+        pos = code_at + 1;
+        match bytes[code_at] {
+            0x00 | 0x01 | 0xD0..=0xD8 => {}
+            0xD9 | 0xDA => return None,
+            code => {
+                let &[high, low] = bytes.get(pos..pos + 2)? else { return None };
+                let end = pos + usize::from(u16::from_be_bytes([high, low]));
+                if starts_a_frame(code) {
+                    return Frame::parse(bytes.get(pos + 2..end)?);
+                }
+                pos = end;
+            }
+        }
+    }
+}
+
+/// Where the code of the next marker from `pos` is: past the next 0xFF and
+/// any number of 0xFF that pad before the code.
+fn next_marker(bytes: &[u8], pos: usize) -> Option<usize> {
+    let ff = pos + memchr::memchr(0xFF, bytes.get(pos..)?)?;
+    bytes[ff..].iter().position(|&b| b != 0xFF).map(|n| ff + n)
+}
+
+/// How many scans a JPEG has, its frame header and EXIF segment, or where it
+/// stops short of its end-of-image marker if it does.
 ///
 /// Walks the marker segments by their lengths, so the thumbnail inside an
 /// EXIF segment (a whole JPEG with its own end marker) is skipped, and runs
@@ -152,25 +233,21 @@ fn turns_sideways(orientation: Orientation) -> bool {
 /// refuse a file that lacks only those two bytes. Bytes between segments that
 /// are not a marker are skipped, as libjpeg does with a warning, so that this
 /// rejects nothing but a missing end.
-fn jpeg_scans(bytes: &[u8]) -> Result<usize, String> {
+fn jpeg_layout(bytes: &[u8]) -> Result<JpegLayout<'_>, String> {
     let len = bytes.len();
     // Past the start-of-image marker, which the format sniffing has seen.
     let mut pos = 2;
-    let mut scans = 0;
+    let mut layout = JpegLayout { scans: 0, frame: None, exif: None };
     let stop = |place: &str| Err(format!("it ends after {len} bytes, {place}, without an end-of-image marker"));
     let inside_data =
         |scans: usize| if scans == 0 { "before the compressed pixels" } else { "in the compressed pixels" };
     loop {
-        let Some(ff) = bytes.get(pos..).and_then(|rest| memchr::memchr(0xFF, rest)) else {
-            return stop(inside_data(scans));
-        };
-        // Any number of 0xFF may pad before a marker's code.
-        let Some(code_at) = bytes[pos + ff..].iter().position(|&b| b != 0xFF).map(|n| pos + ff + n) else {
-            return stop(inside_data(scans));
+        let Some(code_at) = next_marker(bytes, pos) else {
+            return stop(inside_data(layout.scans));
         };
         pos = code_at + 1;
         match bytes[code_at] {
-            0xD9 => return Ok(scans),
+            0xD9 => return Ok(layout),
             // A stuffed zero in scan data, a restart marker, or a marker that
             // has no length: nothing to skip.
             0x00 | 0x01 | 0xD0..=0xD8 => {}
@@ -182,10 +259,18 @@ fn jpeg_scans(bytes: &[u8]) -> Result<usize, String> {
                 if end > len {
                     return stop(&format!("in a header segment that runs to byte {end}"));
                 }
-                // A scan's entropy-coded data follows its header unmarked; the
-                // search for the next 0xFF walks through it.
-                if code == 0xDA {
-                    scans += 1;
+                let segment = bytes.get(pos + 2..end).unwrap_or_default();
+                match code {
+                    // A scan's entropy-coded data follows its header unmarked;
+                    // the search for the next 0xFF walks through it.
+                    0xDA => layout.scans += 1,
+                    code if starts_a_frame(code) && layout.frame.is_none() => layout.frame = Frame::parse(segment),
+                    0xE1 => {
+                        if let Some(exif) = segment.strip_prefix(b"Exif\0\0").filter(|exif| !exif.is_empty()) {
+                            layout.exif = Some(exif);
+                        }
+                    }
+                    _ => {}
                 }
                 pos = end;
             }
@@ -280,10 +365,11 @@ mod tests {
 
     #[test]
     fn counts_the_scans_of_a_jpeg() {
-        assert_eq!(jpeg_scans(&baseline_jpeg()), Ok(1));
+        let scans = |jpeg: &[u8]| jpeg_layout(jpeg).map(|layout| layout.scans);
+        assert_eq!(scans(&baseline_jpeg()), Ok(1));
         // A baseline file that codes each component in a scan of its own.
-        assert_eq!(jpeg_scans(&fixture("multiscan_baseline.jpg")), Ok(3));
-        assert!(jpeg_scans(&fixture("progressive.jpg")).is_ok_and(|scans| scans > 3));
+        assert_eq!(scans(&fixture("multiscan_baseline.jpg")), Ok(3));
+        assert!(scans(&fixture("progressive.jpg")).is_ok_and(|scans| scans > 3));
     }
 
     /// A JPEG's start, then `scans` scan headers, each with a byte of data.
@@ -459,7 +545,34 @@ mod tests {
         };
         assert!(photos.len() > 200, "{} JPEGs", photos.len());
         for (name, photo) in &photos {
-            assert!(jpeg_scans(photo).is_ok(), "{name}");
+            let layout = jpeg_layout(photo).unwrap_or_else(|e| panic!("{name}: {e}"));
+            // The walk reads the size and orientation the image crate's decoder would.
+            let mut header =
+                ImageReader::new(Cursor::new(photo)).with_guessed_format().unwrap().into_decoder().unwrap();
+            let frame = layout.frame.unwrap_or_else(|| panic!("{name}: no frame"));
+            assert_eq!((u32::from(frame.width), u32::from(frame.height)), header.dimensions(), "{name}");
+            let orientation = layout.exif.and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+            assert_eq!(orientation, header.orientation().unwrap(), "{name}");
+            assert_eq!(jpeg_frame(photo), Some(frame), "{name}");
         }
+    }
+
+    #[test]
+    fn the_frame_header_and_exif_come_from_the_marker_walk() {
+        let jpeg = with_orientation(&encode(&DynamicImage::ImageRgb8(upright()), ImageFormat::Jpeg), 6);
+        let layout = jpeg_layout(&jpeg).unwrap();
+        assert_eq!(layout.frame, Some(Frame { width: 48, height: 32, components: 3 }));
+        assert_eq!(layout.exif.and_then(Orientation::from_exif_chunk), Some(Orientation::Rotate90));
+        assert_eq!(jpeg_frame(&jpeg), layout.frame);
+        // Grey and RGB, decoded by the image crate: 1 or 3 bytes a pixel, and RGB.
+        assert_eq!(decode_memory(&jpeg), 48 * 32 * 6);
+        let grey = encode(&DynamicImage::ImageLuma8(image::GrayImage::new(40, 10)), ImageFormat::Jpeg);
+        assert_eq!(jpeg_frame(&grey), Some(Frame { width: 40, height: 10, components: 1 }));
+        assert_eq!(decode_memory(&grey), 40 * 10 * 4);
+        // A frame header cut short is none, and the decoders judge the file.
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        assert_eq!(jpeg_frame(&jpeg[..sof + 6]), None);
+        // Not a JPEG.
+        assert_eq!(jpeg_frame(b"GIF89a"), None);
     }
 }
