@@ -429,7 +429,12 @@ fn decode_scan(
             Ok(())
         }),
         (false, false, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_first),
-        (false, true, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_refine),
+        #[cfg(target_arch = "x86_64")]
+        (false, true, _, Some(table)) if wide::available() => {
+            // SAFETY: the CPU has the features `refine_scan_wide` is compiled for.
+            unsafe { wide::refine_scan(&walk, table, band, stride, blocks, nonzero) }
+        }
+        (false, true, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_refine::<false>),
         _ => Err("a scan without its table".into()),
     }
 }
@@ -613,9 +618,11 @@ fn ac_first(
 }
 
 /// jdphuff.c, decode_mcu_AC_refine, with the band's nonzero coefficients
-/// found from the block's mask rather than by walking the band.
+/// found from the block's mask rather than by walking the band. `WIDE`:
+/// the corrections by [`wide::correct`], which only code compiled for its
+/// features may instantiate.
 #[inline(always)]
-fn ac_refine(
+fn ac_refine<const WIDE: bool>(
     bits: &mut Bits,
     table: &Huffman,
     Band { start, end, low }: Band,
@@ -656,7 +663,7 @@ fn ac_refine(
             }
             let target = if zeros == 0 { end + 1 } else { zeros.trailing_zeros() as usize };
             let before = if target >= 64 { u64::MAX } else { (1 << target) - 1 };
-            correct(bits, block, ahead & before & *nonzero, one);
+            corrections::<WIDE>(bits, block, ahead & before & *nonzero, one);
             if new != 0 {
                 if target > end {
                     return Err("a coefficient past its band");
@@ -669,11 +676,22 @@ fn ac_refine(
     }
     if *eobrun > 0 {
         if k <= end {
-            correct(bits, block, band & (u64::MAX << k) & *nonzero, one);
+            corrections::<WIDE>(bits, block, band & (u64::MAX << k) & *nonzero, one);
         }
         *eobrun -= 1;
     }
     Ok(())
+}
+
+#[inline(always)]
+fn corrections<const WIDE: bool>(bits: &mut Bits, block: &mut [i16; 64], positions: u64, one: i16) {
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // SAFETY: only `wide::refine_scan`, compiled for `wide::correct`'s features, instantiates WIDE.
+        unsafe { wide::correct(bits, block, positions, one) };
+        return;
+    }
+    correct(bits, block, positions, one)
 }
 
 /// One correction bit for each coefficient in `positions` (zigzag order):
@@ -693,6 +711,88 @@ fn correct(bits: &mut Bits, block: &mut [i16; 64], mut positions: u64, one: i16)
         bits.count -= 1;
         // `value >> 15 | 1` is its sign, as -1 or 1.
         block[at] = value.wrapping_add((value >> 15 | 1) * one * raise);
+    }
+}
+
+/// The refinement scans with AVX-512's bit shuffles: a call's correction
+/// bits are read at once and applied to the block's coefficients in two
+/// vector operations, without the loop over them whose end the CPU cannot
+/// predict.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bitalg")
+            && is_x86_feature_detected!("bmi2")
+    }
+
+    /// Each coefficient's zigzag position, by its index in the block: NATURAL's inverse.
+    const ZIGZAG: [u8; 64] = {
+        let mut zigzag = [0u8; 64];
+        let mut k = 0;
+        while k < 64 {
+            zigzag[NATURAL[k]] = k as u8;
+            k += 1;
+        }
+        zigzag
+    };
+
+    /// [`band_scan`] of [`ac_refine`] with [`correct`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bitalg,bmi2,popcnt")]
+    #[inline(never)]
+    pub(super) fn refine_scan(
+        walk: &Walk,
+        table: &Huffman,
+        band: Band,
+        stride: usize,
+        blocks: &mut [[i16; 64]],
+        nonzero: &mut [u64],
+    ) -> Result<(), String> {
+        walk.run(|bits, state, row, column| {
+            let at = row * stride + column;
+            ac_refine::<true>(bits, table, band, &mut state.eobrun, &mut blocks[at], &mut nonzero[at])
+        })
+    }
+
+    /// [`super::correct`]: the bits for `positions`, first read for the
+    /// lowest, deposited on them, turned from zigzag to natural order, and
+    /// each coefficient whose bit is set and whose bit `one` is not moved
+    /// `one` away from zero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bitalg,bmi2,popcnt")]
+    #[inline]
+    pub(super) fn correct(bits: &mut Bits, block: &mut [i16; 64], positions: u64, one: i16) {
+        if positions == 0 {
+            return;
+        }
+        // 1..=63: the positions are a band's, which never holds the DC.
+        let n = positions.count_ones();
+        let read = if n <= 32 {
+            u64::from(bits.take(n))
+        } else {
+            let first = u64::from(bits.take(n - 32));
+            first << 32 | u64::from(bits.take(32))
+        };
+        let in_order = read.reverse_bits() >> (64 - n);
+        let raise = _pdep_u64(in_order, positions);
+        // SAFETY: reads the 64 bytes of ZIGZAG.
+        let zigzag = unsafe { _mm512_loadu_si512(ZIGZAG.as_ptr().cast()) };
+        let natural = _mm512_bitshuffle_epi64_mask(_mm512_set1_epi64(raise as i64), zigzag);
+        let one = _mm512_set1_epi16(one);
+        for (half, coefficients) in block.chunks_exact_mut(32).enumerate() {
+            // SAFETY: `coefficients` is 32 i16, the 64 bytes read and written.
+            let values = unsafe { _mm512_loadu_si512(coefficients.as_ptr().cast()) };
+            let raised = (natural >> (32 * half)) as u32 & _mm512_testn_epi16_mask(values, one);
+            // One away from zero: `one` where the value is positive, -`one` where negative (none is zero).
+            let sign = _mm512_srai_epi16::<15>(values);
+            let step = _mm512_sub_epi16(_mm512_xor_si512(one, sign), sign);
+            let values = _mm512_mask_add_epi16(values, raised, values, step);
+            // SAFETY: as the load.
+            unsafe { _mm512_storeu_si512(coefficients.as_mut_ptr().cast(), values) };
+        }
     }
 }
 
@@ -869,5 +969,61 @@ impl Huffman {
             let at = code + self.valoffset[length as usize];
             (code <= self.maxcode[length as usize]).then(|| Some((length, *self.values.get(at as usize)?))).flatten()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector corrections against the loop, on random blocks, bands of
+    /// nonzero coefficients and bits: the same coefficients, and the same
+    /// bits read.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn wide_corrections_are_the_loops() {
+        if !wide::available() {
+            eprintln!("skipped: this CPU lacks AVX-512 BITALG or BMI2");
+            return;
+        }
+        let mut next = crate::image::testing::numbers(17);
+        for case in 0..20_000 {
+            let low = next() % 8;
+            let one = 1i16 << low;
+            let mut block = [0i16; 64];
+            let mut nonzero = 0u64;
+            for (k, &natural) in NATURAL[..64].iter().enumerate() {
+                if k > 0 && !next().is_multiple_of(3) {
+                    // Some with bit `one` set, which a correction leaves as it is.
+                    let magnitude = ((next() % 200 + 1) as i16 * one) | ((next() % 2) as i16 * one);
+                    block[natural] = if next().is_multiple_of(2) { magnitude } else { -magnitude };
+                    nonzero |= 1 << k;
+                }
+            }
+            // Bands of every width, and sometimes a single coefficient or none.
+            let start = 1 + next() as usize % 63;
+            let end = start + next() as usize % (64 - start);
+            let band = (u64::MAX >> (63 - end)) & (u64::MAX << start);
+            let positions = match case % 4 {
+                0 => band & nonzero & u64::from(next()),
+                1 => band & nonzero & (1 << start),
+                _ => band & nonzero,
+            };
+            let data: Vec<u8> = (0..24).map(|_| next() as u8).collect();
+            let (mut ours, mut theirs) = (block, block);
+            let (mut ours_bits, mut theirs_bits) = (Bits::new(&data), Bits::new(&data));
+            // Part of the reader's word used already, as in a scan.
+            let skip = next() % 40;
+            ours_bits.take(skip);
+            theirs_bits.take(skip);
+            // SAFETY: available() found the features `wide::correct` is compiled for.
+            unsafe { wide::correct(&mut ours_bits, &mut ours, positions, one) };
+            correct(&mut theirs_bits, &mut theirs, positions, one);
+            assert_eq!(ours, theirs, "case {case}: positions {positions:#x}, one {one}");
+            // As many bits read, whatever each has loaded ahead, and the same ones next.
+            let read = |bits: &Bits| bits.pos * 8 - bits.count as usize;
+            assert_eq!(read(&ours_bits), read(&theirs_bits), "case {case}: the bits read");
+            assert_eq!(ours_bits.take(32), theirs_bits.take(32), "case {case}: the bits after");
+        }
     }
 }
