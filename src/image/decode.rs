@@ -162,8 +162,8 @@ struct JpegLayout<'a> {
     scans: usize,
     /// The first frame header's.
     frame: Option<Frame>,
-    /// The last APP1 segment of EXIF data, past its "Exif\0\0", as the image
-    /// crate's decoder keeps it.
+    /// The last APP1 segment of EXIF data before the first scan, past its
+    /// "Exif\0\0", as the image crate's decoder keeps it.
     exif: Option<&'a [u8]>,
 }
 
@@ -265,7 +265,8 @@ fn jpeg_layout(bytes: &[u8]) -> Result<JpegLayout<'_>, String> {
                     // the search for the next 0xFF walks through it.
                     0xDA => layout.scans += 1,
                     code if starts_a_frame(code) && layout.frame.is_none() => layout.frame = Frame::parse(segment),
-                    0xE1 => {
+                    // Only before the first scan, where the image crate's decoder read it.
+                    0xE1 if layout.scans == 0 => {
                         if let Some(exif) = segment.strip_prefix(b"Exif\0\0").filter(|exif| !exif.is_empty()) {
                             layout.exif = Some(exif);
                         }
@@ -569,6 +570,12 @@ mod tests {
         let grey = encode(&DynamicImage::ImageLuma8(image::GrayImage::new(40, 10)), ImageFormat::Jpeg);
         assert_eq!(jpeg_frame(&grey), Some(Frame { width: 40, height: 10, components: 1 }));
         assert_eq!(decode_memory(&grey), 40 * 10 * 4);
+        // An EXIF segment after the first scan is not the picture's, as the image crate reads it.
+        let app1 = &with_orientation(&[0xFF, 0xD8], 6)[2..];
+        let plain = encode(&DynamicImage::ImageRgb8(upright()), ImageFormat::Jpeg);
+        let late = [&plain[..plain.len() - 2], app1, &plain[plain.len() - 2..]].concat();
+        assert_eq!(jpeg_layout(&late).unwrap().exif, None);
+        assert!(looks_upright(&decode(&late, true).unwrap()));
         // A frame header cut short is none, and the decoders judge the file.
         let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
         assert_eq!(jpeg_frame(&jpeg[..sof + 6]), None);
