@@ -728,6 +728,7 @@ mod wide {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512bitalg")
             && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("popcnt")
     }
 
     /// Each coefficient's zigzag position, by its index in the block: NATURAL's inverse.
@@ -863,7 +864,7 @@ impl<'a> Bits<'a> {
         bit
     }
 
-    /// The next `n` bits (at most 16) as a number.
+    /// The next `n` bits (at most 32) as a number.
     #[inline(always)]
     fn take(&mut self, n: u32) -> u32 {
         if n == 0 {
