@@ -190,30 +190,14 @@ fn starts_a_frame(code: u8) -> bool {
     matches!(code, 0xC0..=0xCF) && !matches!(code, 0xC4 | 0xC8 | 0xCC)
 }
 
-/// The frame header of a JPEG, from the segments before it, for a size
-/// estimate: None if `bytes` is not a JPEG or has no readable frame header
-/// before its first scan.
+/// The frame header of a JPEG, from the segments before its first scan, for
+/// a size estimate: None if `bytes` is not a JPEG or has no readable frame
+/// header there.
 fn jpeg_frame(bytes: &[u8]) -> Option<Frame> {
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return None;
     }
-    let mut pos = 2;
-    loop {
-        let code_at = next_marker(bytes, pos)?;
-        pos = code_at + 1;
-        match bytes[code_at] {
-            0x00 | 0x01 | 0xD0..=0xD8 => {}
-            0xD9 | 0xDA => return None,
-            code => {
-                let &[high, low] = bytes.get(pos..pos + 2)? else { return None };
-                let end = pos + usize::from(u16::from_be_bytes([high, low]));
-                if starts_a_frame(code) {
-                    return Frame::parse(bytes.get(pos + 2..end)?);
-                }
-                pos = end;
-            }
-        }
-    }
+    walk_markers(bytes, false).ok()?.frame
 }
 
 /// Where the code of the next marker from `pos` is: past the next 0xFF and
@@ -234,6 +218,12 @@ fn next_marker(bytes: &[u8], pos: usize) -> Option<usize> {
 /// are not a marker are skipped, as libjpeg does with a warning, so that this
 /// rejects nothing but a missing end.
 fn jpeg_layout(bytes: &[u8]) -> Result<JpegLayout<'_>, String> {
+    walk_markers(bytes, true)
+}
+
+/// [`jpeg_layout`]'s walk; without `through_scans`, it stops at the first
+/// scan, with what the headers before it hold.
+fn walk_markers(bytes: &[u8], through_scans: bool) -> Result<JpegLayout<'_>, String> {
     let len = bytes.len();
     // Past the start-of-image marker, which the format sniffing has seen.
     let mut pos = 2;
@@ -263,6 +253,7 @@ fn jpeg_layout(bytes: &[u8]) -> Result<JpegLayout<'_>, String> {
                 match code {
                     // A scan's entropy-coded data follows its header unmarked;
                     // the search for the next 0xFF walks through it.
+                    0xDA if !through_scans => return Ok(layout),
                     0xDA => layout.scans += 1,
                     code if starts_a_frame(code) && layout.frame.is_none() => layout.frame = Frame::parse(segment),
                     // Only before the first scan, where the image crate's decoder read it.
