@@ -93,10 +93,6 @@ impl Im2col {
                         continue;
                     };
                     let source = &input[iy * row_bytes + from..];
-                    if inside.len() == span && span <= 16 && source.len() >= 16 && out.len() - taps.start >= 16 {
-                        out[taps.start..taps.start + 16].copy_from_slice(&source[..16]);
-                        continue;
-                    }
                     let taps = &mut out[taps];
                     taps[..inside.start].fill(self.zero);
                     copy_short(&mut taps[inside.clone()], &source[..inside.len()]);
