@@ -431,7 +431,7 @@ fn decode_scan(
         (false, false, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_first),
         #[cfg(target_arch = "x86_64")]
         (false, true, _, Some(table)) if wide::available() => {
-            // SAFETY: the CPU has the features `refine_scan_wide` is compiled for.
+            // SAFETY: the CPU has the features `wide::refine_scan` is compiled for.
             unsafe { wide::refine_scan(&walk, table, band, stride, blocks, nonzero) }
         }
         (false, true, _, Some(table)) => band_scan(&walk, table, band, stride, blocks, nonzero, ac_refine::<false>),
@@ -987,7 +987,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn wide_corrections_are_the_loops() {
         if !wide::available() {
-            eprintln!("skipped: this CPU lacks AVX-512 BITALG or BMI2");
+            eprintln!("skipped: this CPU lacks AVX-512 BITALG, BMI2 or POPCNT");
             return;
         }
         let mut next = crate::image::testing::numbers(17);
